@@ -1,0 +1,1 @@
+"""The typer app; imports everything, imported by nothing."""

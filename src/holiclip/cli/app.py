@@ -1,0 +1,42 @@
+"""`holiclip` command line: one module per command group, wired here."""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Holistic CLIP: train, caption, evaluate, demo.")
+
+# (module, attribute, name, help); a group module exposes a typer.Typer named `app`,
+# a single command module a function. Missing modules are skipped so that a partial
+# install still shows what it has.
+_GROUPS = [
+    ("holiclip.cli.models", "app", "models", "List and inspect architectures."),
+    ("holiclip.cli.train", "app", "train", "Train Holistic CLIP / CLIP / O2M from a YAML config."),
+    ("holiclip.cli.data", "app", "data", "Build and inspect datasets (built-in emoji benchmark)."),
+    ("holiclip.cli.caption", "app", "caption", "Caption images from several perspectives with VLMs."),
+    ("holiclip.cli.eval", "app", "eval", "Evaluate a checkpoint: retrieval, zero-shot, dense, diversity."),
+    ("holiclip.cli.explain", "app", "explain", "Per-branch attention maps of an image."),
+    ("holiclip.cli.demo", "app", "demo", "CLIP vs O2M vs Holistic CLIP on the built-in emoji benchmark."),
+]
+
+for module_name, attr, name, help_text in _GROUPS:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            continue
+        raise
+    obj = getattr(module, attr)
+    if isinstance(obj, typer.Typer):
+        app.add_typer(obj, name=name, help=help_text)
+    else:
+        app.command(name=name, help=help_text)(obj)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

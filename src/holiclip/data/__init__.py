@@ -1,0 +1,1 @@
+"""Samples = one image + named captions: schema, readers, datasets."""

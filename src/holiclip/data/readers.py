@@ -1,0 +1,100 @@
+"""JSONL / CSV / webdataset manifests -> :class:`Sample` streams.
+
+Image paths are resolved relative to the manifest's folder. Malformed rows raise a
+:class:`DataError` naming file and line (or are skipped and counted with ``on_error="skip"``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .records import DataError, Sample, captions_from_row
+
+
+def _resolve(root: Path, image: str) -> str:
+    p = Path(image)
+    return str(p if p.is_absolute() else root / p)
+
+
+def read_jsonl(
+    path: str | Path, list_slots: Sequence[str] | None = None, on_error: str = "error", stats: dict | None = None
+) -> Iterator[Sample]:
+    path = Path(path)
+    root = path.parent
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                    raise DataError(f"{where}: each line must be an object with a string field 'image'")
+                caps = captions_from_row(row, where, list_slots)
+            except DataError:
+                if on_error != "skip":
+                    raise
+                if stats is not None:
+                    stats["bad_rows"] = stats.get("bad_rows", 0) + 1
+                continue
+            meta = {k: v for k, v in row.items() if k not in ("image", "captions", "caption")}
+            yield Sample(_resolve(root, row["image"]), caps, where, meta)
+
+
+def read_csv(
+    path: str | Path, image_column: str = "image", caption_columns: Sequence[str] | None = None, delimiter: str = ","
+) -> Iterator[Sample]:
+    """One row per image; every other column (or ``caption_columns``) is a named slot."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        if reader.fieldnames is None or image_column not in reader.fieldnames:
+            raise DataError(f"{path}:1: no column {image_column!r} in header {reader.fieldnames}")
+        columns = list(caption_columns or [c for c in reader.fieldnames if c != image_column])
+        missing = [c for c in columns if c not in reader.fieldnames]
+        if missing:
+            raise DataError(f"{path}:1: caption columns {missing} not in header {reader.fieldnames}")
+        for lineno, row in enumerate(reader, 2):
+            yield Sample(_resolve(path.parent, row[image_column]), {c: row[c] for c in columns}, f"{path}:{lineno}")
+
+
+def read_webdataset(urls: str | Sequence[str], list_slots: Sequence[str] | None = None) -> Iterator[Sample]:
+    """img2dataset-style shards: ``jpg``/``png``/``webp`` bytes + ``json`` with the same fields."""
+    import webdataset as wds
+
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    for item in dataset:
+        where = f"{item.get('__url__', '?')}:{item.get('__key__', '?')}"
+        image = next((item[k] for k in ("jpg", "jpeg", "png", "webp") if k in item), None)
+        if image is None:
+            raise DataError(f"{where}: no jpg/png/webp member")
+        if "json" not in item:
+            raise DataError(f"{where}: no json member with captions")
+        try:
+            row = json.loads(item["json"])
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed json member ({err.msg})") from None
+        if "captions" not in row and "caption" not in row and "txt" in item:
+            row["caption"] = item["txt"].decode("utf-8")
+        yield Sample(image, captions_from_row(row, where, list_slots), where, {"key": item.get("__key__")})
+
+
+def read_samples(path: str | Path | Sequence[str], **kwargs) -> Iterator[Sample]:
+    """Dispatch on the manifest type: ``.jsonl``, ``.csv``/``.tsv``, ``.tar`` shards (or brace lists)."""
+    if not isinstance(path, (str, Path)):
+        return read_webdataset(list(path), kwargs.get("list_slots"))
+    text = str(path)
+    if text.endswith(".tar") or "{" in text:
+        return read_webdataset(text, kwargs.get("list_slots"))
+    if text.endswith((".csv", ".tsv")):
+        kw = {k: v for k, v in kwargs.items() if k in ("image_column", "caption_columns")}
+        return read_csv(path, delimiter="\t" if text.endswith(".tsv") else ",", **kw)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    kw = {k: v for k, v in kwargs.items() if k in ("list_slots", "on_error", "stats")}
+    return read_jsonl(path, **kw)

@@ -1,0 +1,1 @@
+"""Architectures; knows nothing about data, losses or training."""

