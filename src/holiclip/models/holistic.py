@@ -115,10 +115,13 @@ class HolisticCLIP(nn.Module):
         trunk = list(self.clip.text.transformer.parameters()) + list(self.clip.text.pooler.parameters())
         return not any(p.requires_grad for p in trunk)
 
-    def forward(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None) -> dict:
+    def forward(self, images=None, texts=None, text_trunk_features=None) -> dict:
+        """Features for training; ``text_trunk_features`` are cached outputs of a frozen trunk."""
         out = {"logit_scale": self.logit_scale.exp()}
         if images is not None:
             out["image_features"] = self.encode_image(images)
         if texts is not None:
             out["text_features"] = self.encode_text(texts)
+        if text_trunk_features is not None:
+            out["text_features"] = self.text_head(text_trunk_features)
         return out

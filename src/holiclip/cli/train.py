@@ -1,0 +1,33 @@
+"""`holiclip train CONFIG.yaml [section.key=value ...] [--resume latest]`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def app(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides, e.g. optim.steps=500"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint path."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (same as run.out=...)."),
+) -> None:
+    """Train Holistic CLIP (or the CLIP / O2M baselines) in one process or under torchrun."""
+    from ..data.records import DataError
+    from ..training.config import load_config
+    from ..training.trainer import NonFiniteLoss, train
+
+    items = list(overrides or [])
+    if config is not None and "=" in str(config) and not Path(config).exists():
+        items.insert(0, str(config))
+        config = None
+    if out:
+        items.append(f"run.out={out}")
+    try:
+        cfg = load_config(config, items)
+        result = train(cfg, resume=resume)
+    except (DataError, NonFiniteLoss, KeyError, ValueError, FileNotFoundError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"done: step {result['step']}, loss {result['last'].get('loss', float('nan')):.4f}, run folder {result['out']}")

@@ -1,0 +1,1 @@
+"""Config, trainer loop, distributed set-up, checkpoints, schedules, logging."""

@@ -1,0 +1,275 @@
+"""The training loop: one process or torchrun, exact resume, bad-input accounting."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .. import _compat
+
+_compat.ensure_torchvision_importable()
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
+
+from ..data.loader import (  # noqa: E402
+    Collate, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, tensor_transform, unique_texts,
+)
+from ..loss import M2MLoss  # noqa: E402
+from ..models.registry import create_model, get_tokenizer, get_transforms, save_model  # noqa: E402
+from . import checkpoint as ckpt  # noqa: E402
+from .config import TrainConfig, save_config  # noqa: E402
+from .distributed import all_reduce_sum, barrier, init_distributed  # noqa: E402
+from .logger import MetricLogger  # noqa: E402
+from .schedule import create_optimizer, warmup_cosine  # noqa: E402
+from .text_cache import build_text_cache  # noqa: E402
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def autocast_for(precision: str, device: str):
+    """fp32 on CPU by default: on AVX2-only CPUs bf16 matmuls are ~100x slower."""
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    if precision == "fp32":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if precision == "amp" else None
+    return torch.autocast(device.split(":")[0], dtype=dtype), scaler
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.device = resolve_device(cfg.run.device)
+        self.dist = init_distributed(self.device)
+        if self.dist.enabled and self.device.startswith("cuda"):
+            self.device = f"cuda:{self.dist.local_rank}"
+        self.out = Path(cfg.run.out)
+        self.ckpt_dir = self.out / "checkpoints"
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.run.seed)
+        self.model = create_model(
+            cfg.model.name, encoder=cfg.model.encoder, branches=cfg.branches, pretrained=cfg.model.pretrained,
+            mlp_layers=cfg.model.mlp_layers, lock_text=cfg.model.lock_text,
+        ).to(self.device)
+        if cfg.model.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.tokenizer = get_tokenizer(cfg.model.name)
+        self.manifest = load_manifest(
+            cfg.data.train, cfg.data.slots, cfg.data.missing_slot_policy, cfg.data.list_slots, cfg.data.on_bad_row
+        )
+        size = self.model.image_size[0] if isinstance(self.model.image_size, tuple) else self.model.image_size
+        transform = (
+            tensor_transform(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+            if cfg.data.cache_images else get_transforms(self.model, is_train=False)
+        )
+        self.dataset = MultiTextDataset(self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size)
+        self.text_features = None
+        text_index = None
+        if cfg.data.text_cache == "auto" and self.model.text_trunk_frozen():
+            texts = unique_texts(self.manifest)
+            if self.dist.is_main:
+                build_text_cache(self.model, self.tokenizer, texts, cfg.run.cache_dir, self.device,
+                                 progress=cfg.run.progress)
+            barrier()
+            self.text_features, text_index = build_text_cache(
+                self.model, self.tokenizer, texts, cfg.run.cache_dir, self.device, progress=False
+            )
+            self.text_features = self.text_features.to(self.device)
+        self.sampler = ResumableBatchSampler(
+            len(self.dataset), cfg.optim.batch_size, self.dist.rank, self.dist.world_size, cfg.run.seed
+        )
+        self.collate = Collate(self.tokenizer, self.model.context_length, text_index)
+        self.loss_fn = M2MLoss(
+            local_loss=cfg.loss.local_loss, gather_with_grad=cfg.loss.gather_with_grad, rank=self.dist.rank,
+            world_size=self.dist.world_size, diversity_margin=cfg.loss.diversity_margin,
+            diversity_weight=cfg.loss.diversity_weight, fused_weight=cfg.loss.fused_weight,
+        )
+        self.optimizer = create_optimizer(
+            self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps
+        )
+        self.scheduler = warmup_cosine(self.optimizer, cfg.optim.warmup_steps, cfg.optim.steps, cfg.optim.min_lr_ratio)
+        self.autocast, self.scaler = autocast_for(cfg.run.precision, self.device)
+        self.net = self.model
+        if self.dist.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None
+            )
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.counters = {"seen": 0, "bad": 0, "truncated": 0, "texts": 0}
+        self.bad_examples: list[str] = []
+
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "counters": dict(self.counters), "bad_examples": self.bad_examples[:20], "rng": ckpt.rng_state(),
+        }
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.counters.update(state["counters"])
+        self.bad_examples = list(state["bad_examples"])
+        ckpt.set_rng_state(state["rng"])
+
+    # -- loop ------------------------------------------------------------------------------
+    def _batches(self):
+        while True:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            loader = DataLoader(
+                self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
+                num_workers=self.cfg.data.workers, persistent_workers=False,
+            )
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self._end_epoch()
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _end_epoch(self) -> None:
+        c = self.counters
+        if self.dist.is_main and (c["bad"] or c["truncated"]):
+            print(f"epoch {self.epoch}: {c['bad']} unreadable images skipped of {c['seen']} seen; "
+                  f"{c['truncated']} of {c['texts']} texts truncated to {self.model.context_length} tokens")
+        check_bad_fraction(c["bad"], c["seen"], self.cfg.data.max_bad_fraction, self.bad_examples)
+
+    def _forward_loss(self, batch) -> dict:
+        images = batch["images"].to(self.device, non_blocking=True)
+        with self.autocast:
+            if self.text_features is not None:
+                ids = batch["text_ids"].to(self.device)
+                out = self.net(images=images, text_trunk_features=self.text_features[ids])
+            else:
+                out = self.net(images=images, texts=batch["texts"].to(self.device))
+            losses = self.loss_fn(out["image_features"].float(), out["text_features"].float(),
+                                  out["logit_scale"].float(), output_dict=True)
+        return losses
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self._build()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        resume_path = ckpt.resolve_resume(self.resume, self.ckpt_dir)
+        if resume_path is not None:
+            self._restore(resume_path)
+            if self.dist.is_main:
+                print(f"resumed from {resume_path} at step {self.step}")
+        logger = MetricLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.run.tensorboard)
+        batches = self._batches()
+        accum = cfg.optim.accum_steps
+        end = cfg.optim.steps if cfg.run.max_steps_this_run is None else min(
+            cfg.optim.steps, self.step + cfg.run.max_steps_this_run)
+        global_batch = cfg.optim.batch_size * accum * self.dist.world_size
+        progress = logger.progress(total=cfg.optim.steps, initial=self.step, disable=not cfg.run.progress)
+        last = {}
+        self.model.train()
+        t0, samples_since = time.perf_counter(), 0
+        while self.step < end:
+            terms: dict[str, float] = {}
+            for _ in range(accum):
+                batch = next(batches)
+                self._account(batch)
+                losses = self._forward_loss(batch)
+                total = sum(losses.values())
+                if not torch.isfinite(total):
+                    raise NonFiniteLoss(
+                        f"non-finite loss at step {self.step}: " + ", ".join(f"{k}={v.item()}" for k, v in losses.items())
+                        + f"; last checkpoint in {self.ckpt_dir} (resume with --resume latest, maybe with a lower lr)"
+                    )
+                scaled = total / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                for k, v in losses.items():
+                    terms[k] = terms.get(k, 0.0) + v.item() / accum
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # as open_clip: logit scale clamped at ln(100)
+                self.model.logit_scale.clamp_(0, math.log(100))
+            self.step += 1
+            samples_since += global_batch
+            terms["loss"] = sum(v for k, v in terms.items() if k.endswith("_loss"))
+            last = terms
+            if self.step % cfg.run.log_every == 0 or self.step == end:
+                dt = time.perf_counter() - t0
+                rate = samples_since / dt if dt > 0 else 0.0
+                logger.log(self.step, {**terms, "lr": self.scheduler.get_last_lr()[0],
+                                       "logit_scale": self.model.logit_scale.exp().item(), "samples_per_s": rate,
+                                       "epoch": self.epoch, **{f"data/{k}": v for k, v in self.counters.items()}})
+                t0, samples_since = time.perf_counter(), 0
+                progress.set_postfix(loss=f"{terms['loss']:.3f}", ips=f"{rate:.0f}")
+            progress.update(1)
+            if self.step % cfg.run.save_every == 0 or self.step == end:
+                self._save()
+        progress.close()
+        logger.close()
+        if self.dist.is_main and self.step >= cfg.optim.steps:
+            save_model(self.model, self.out / "model", extra={"train_config": cfg.to_dict()})
+        barrier()
+        return {"step": self.step, "last": last, "counters": dict(self.counters), "out": str(self.out)}
+
+    def _account(self, batch) -> None:
+        n = len(batch["index"]) + len(batch["bad"])
+        stats = [n, len(batch["bad"]), batch["truncated"], batch["num_texts"]]
+        if self.dist.enabled:
+            stats = [all_reduce_sum(s, self.device) for s in stats]
+        for key, value in zip(("seen", "bad", "truncated", "texts"), stats):
+            self.counters[key] += int(value)
+        if batch["bad"]:
+            self.bad_examples.extend(batch["bad"][: max(0, 20 - len(self.bad_examples))])
+            check_bad_fraction(self.counters["bad"], max(self.counters["seen"], 100),
+                               self.cfg.data.max_bad_fraction, self.bad_examples)
+
+    def _save(self) -> None:
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.ckpt_dir, self.step, self._state(), self.cfg.run.keep_checkpoints)
+        barrier()
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    return Trainer(cfg, resume).train()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
