@@ -18,6 +18,23 @@ _compat.ensure_torchvision_importable()
 from open_clip.loss import gather_features  # noqa: E402
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    torch.distributed.nn.all_gather's backward (an all-to-all on gloo) reads non-contiguous
+    gradients in the wrong order; ours are transposed views, so without this the gradients of
+    a gather-with-grad run are silently wrong (measured: the 2-rank test fails).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def pair_branches(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """Image embedding paired with each text slot: (B, M, D)."""
     num_branches, num_slots = image_features.shape[1], text_features.shape[1]
@@ -76,6 +93,7 @@ class M2MLoss(nn.Module):
             all_image, all_text = gather_features(
                 image, text, self.local_loss, self.gather_with_grad, self.rank, self.world_size
             )
+            all_image, all_text = _ContiguousGrad.apply(all_image), _ContiguousGrad.apply(all_text)
         else:
             all_image, all_text = image, text
         # slots first: (M, B, D)
@@ -110,6 +128,8 @@ class M2MLoss(nn.Module):
         if w < 1.0:
             paired = pair_branches(image_features, text_features)
             losses["contrastive_loss"] = (1.0 - w) * self._infonce(paired, text_features, logit_scale)
+        else:  # documented as always present
+            losses["contrastive_loss"] = image_features.sum() * 0.0
         if w > 0.0:
             fused = F.normalize(image_features.mean(dim=1), dim=-1)
             fused = fused.unsqueeze(1).expand_as(text_features)

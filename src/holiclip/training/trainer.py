@@ -157,11 +157,15 @@ class Trainer:
             self._end_epoch()
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def _end_epoch(self) -> None:
+    def _summarise(self, when: str) -> None:
         c = self.counters
         if self.dist.is_main and (c["bad"] or c["truncated"]):
-            print(f"epoch {self.epoch}: {c['bad']} unreadable images skipped of {c['seen']} seen; "
+            print(f"{when}: {c['bad']} unreadable images skipped of {c['seen']} seen; "
                   f"{c['truncated']} of {c['texts']} texts truncated to {self.model.context_length} tokens")
+
+    def _end_epoch(self) -> None:
+        self._summarise(f"epoch {self.epoch}")
+        c = self.counters
         check_bad_fraction(c["bad"], c["seen"], self.cfg.data.max_bad_fraction, self.bad_examples)
 
     def _forward_loss(self, batch) -> dict:
@@ -231,6 +235,9 @@ class Trainer:
             terms["loss"] = sum(v for k, v in terms.items() if k.endswith("_loss"))
             last = terms
             if self.step % cfg.run.log_every == 0 or self.step == end:
+                if self.dist.enabled:  # the global loss: mean of the ranks' local losses
+                    terms = {k: all_reduce_sum(v, self.device) / self.dist.world_size for k, v in terms.items()}
+                    last = terms
                 dt = time.perf_counter() - t0
                 rate = samples_since / dt if dt > 0 else 0.0
                 logger.log(self.step, {**terms, "lr": self.scheduler.get_last_lr()[0],
@@ -243,6 +250,7 @@ class Trainer:
                 self._save()
         progress.close()
         logger.close()
+        self._summarise(f"end of run (step {self.step})")
         if self.dist.is_main and self.step >= cfg.optim.steps:
             save_model(self.model, self.out / "model", extra={"train_config": cfg.to_dict()})
         barrier()

@@ -1,0 +1,115 @@
+"""Trainer: overfitting, exact resume, torchrun equivalence, bad inputs, non-finite loss."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from holiclip.data.records import DataError
+from holiclip.training import trainer as trainer_mod
+from holiclip.training.config import load_config
+from holiclip.training.trainer import NonFiniteLoss, read_metrics, train
+
+from data_utils import make_dataset
+
+SLOTS = "[web,detail,main]"
+
+
+def cfg_for(tmp_path, data, out, *extra):
+    return load_config(None, [
+        f"data.train={data}", f"data.slots={SLOTS}", "model.name=holi-tiny", "optim.batch_size=8",
+        "optim.steps=6", "optim.warmup_steps=2", "optim.lr=1e-3", f"run.out={out}", "run.log_every=1",
+        "run.progress=false", "run.tensorboard=false", "run.save_every=3", f"run.cache_dir={tmp_path}/cache",
+        *extra,
+    ])
+
+
+def weights(run):
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_tiny_model_overfits(tmp_path):
+    data = make_dataset(tmp_path, n=8)
+    cfg = cfg_for(tmp_path, data, tmp_path / "run", "optim.steps=80", "optim.lr=2e-3", "optim.warmup_steps=5",
+                  "data.cache_images=true", "optim.weight_decay=0.0")
+    train(cfg)
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
+    assert losses[0] > 1.5  # ~ln(8) at the start
+    assert sum(losses[-5:]) / 5 < losses[0] / 10, losses
+
+
+@pytest.mark.parametrize("encoder", ["cls", "mlp"])
+def test_resume_is_bit_identical(tmp_path, encoder):
+    data = make_dataset(tmp_path, n=20)  # 2 batches per epoch: resume crosses epochs
+    full = cfg_for(tmp_path, data, tmp_path / "full", f"model.encoder={encoder}")
+    train(full)
+    part = cfg_for(tmp_path, data, tmp_path / "part", f"model.encoder={encoder}", "run.max_steps_this_run=3")
+    result = train(part)
+    assert result["step"] == 3 and not (tmp_path / "part" / "model").exists()
+    resumed = cfg_for(tmp_path, data, tmp_path / "part", f"model.encoder={encoder}")
+    assert train(resumed, resume="latest")["step"] == 6
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_images_skipped_then_fail_above_fraction(tmp_path, capsys):
+    data = make_dataset(tmp_path, n=16)
+    (tmp_path / "img" / "3.png").write_bytes(b"\x89PNG garbage")
+    ok = cfg_for(tmp_path, data, tmp_path / "ok", "optim.steps=2", "data.max_bad_fraction=0.2")
+    result = train(ok)
+    assert result["counters"]["bad"] == 1 and result["counters"]["seen"] == 17
+    assert "1 unreadable images skipped" in capsys.readouterr().out
+    strict = cfg_for(tmp_path, data, tmp_path / "strict", "optim.steps=2", "data.max_bad_fraction=0.001")
+    with pytest.raises(DataError, match=r"(?s)unreadable .*3.png"):
+        train(strict)
+
+
+def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path, n=8)
+    real = trainer_mod.Trainer._forward_loss
+
+    def poisoned(self, batch):
+        losses = real(self, batch)
+        return {k: v * float("nan") for k, v in losses.items()}
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_forward_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 0: contrastive_loss=nan"):
+        train(cfg_for(tmp_path, data, tmp_path / "run"))
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(KeyError, match="optim.stepz"):
+        load_config(None, ["optim.stepz=3"])
+    with pytest.raises(ValueError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    data = make_dataset(tmp_path, n=16)
+    common = [f"data.train={data}", f"data.slots={SLOTS}", "model.name=holi-tiny", "optim.steps=3",
+              "optim.warmup_steps=1", "optim.lr=1e-3", "run.progress=false", "run.tensorboard=false",
+              "run.log_every=1", f"run.cache_dir={tmp_path}/cache"]
+    train(load_config(None, common + ["optim.batch_size=8", f"run.out={tmp_path}/one"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "holiclip.cli.app", "train",
+           *common, "optim.batch_size=4", f"run.out={tmp_path}/two"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [round(m["loss"], 5) for m in one] == [round(m["loss"], 5) for m in two]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
