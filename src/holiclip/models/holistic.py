@@ -57,7 +57,7 @@ class HolisticCLIP(nn.Module):
         return self.visual.image_size
 
     def no_weight_decay(self) -> set[str]:
-        names = {"logit_scale"}
+        names = {"clip.logit_scale"}
         names |= {f"clip.visual.{n}" for n in self.visual.no_weight_decay()}
         if hasattr(self.clip, "positional_embedding"):
             names.add("clip.positional_embedding")
