@@ -1,0 +1,182 @@
+"""`holiclip eval TASK --checkpoint DIR --data PATH`: retrieval, long-retrieval, zeroshot,
+dense, diversity. Each prints a compact table (one row per branch variant) and writes JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evaluate a checkpoint.")
+
+# -- shared options ------------------------------------------------------------------------
+Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="holiclip model folder (or its model.safetensors).")]
+ModelName = Annotated[Optional[str], typer.Option("--model", help="Architecture name, instead of --checkpoint (plain CLIP = H 1).")]
+Pretrained = Annotated[Optional[str], typer.Option("--pretrained", help="With --model: open_clip tag or weights file.")]
+Data = Annotated[Path, typer.Option("--data", "-d", help="Dataset path (see docs/evaluation.md for formats).")]
+Fusion = Annotated[str, typer.Option("--fusion", help="mean | mean-logits | max | norm-max")]
+Branches = Annotated[Optional[str], typer.Option("--branches", help="Comma-separated branch subset, e.g. main,detail.")]
+PerBranch = Annotated[bool, typer.Option("--per-branch", help="Also one row per branch alone.")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Result JSON path (default results/<task>-<dataset>.json).")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
+Workers = Annotated[int, typer.Option("--workers", help="Image loading workers.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N images (quick checks).")]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
+Templates = Annotated[str, typer.Option("--templates", help="openai | simple | a file with one '{}' template per line.")]
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _run(task: str, checkpoint, model, pretrained, device, out, percent: bool = True, **options) -> dict:
+    from holiclip.data.records import DataError
+    from holiclip.evaluation import load_eval_model, print_rows, run_task, write_json
+
+    try:
+        em = load_eval_model(checkpoint, model, pretrained, device)
+        result = run_task(task, em, **options)
+    except (DataError, FileNotFoundError, KeyError, ValueError) as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    title = f"{result['task']} - {result['dataset']} - {em.name} ({em.pretrained})"
+    print_rows(result["rows"], result["columns"], title=title, percent=percent)
+    if "text_stats" in result and result["text_stats"]["truncated"]:
+        s = result["text_stats"]
+        typer.echo(f"{s['truncated']} of {s['texts']} texts were truncated at the context length (longest: {s['max_tokens']} tokens)")
+    out = out or Path("results") / f"{task}-{Path(str(result['dataset'])).stem}.json"
+    typer.echo(f"wrote {write_json(out, result)}")
+    return result
+
+
+@app.command()
+def retrieval(
+    data: Data,
+    checkpoint: Checkpoint = None,
+    model: ModelName = None,
+    pretrained: Pretrained = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto | manifest | coco | karpathy | long | urban1k")] = "auto",
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder the image paths are relative to.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Karpathy split.")] = "test",
+    slots: Annotated[Optional[str], typer.Option("--slots", help="Our manifests: caption slots used as texts (all by default).")] = None,
+    text_field: Annotated[Optional[str], typer.Option("--text-field", help="Long-caption files: the caption field.")] = None,
+    long_text: Annotated[str, typer.Option("--long-text", help="truncate | split (sentence embeddings averaged).")] = "truncate",
+    identical_as_hits: Annotated[bool, typer.Option("--identical-captions-as-hits", help="Images sharing a caption count as each other's match.")] = False,
+    fusion: Fusion = "mean",
+    branches: Branches = None,
+    per_branch: PerBranch = False,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Images per score block (default: about 32M scores).")] = None,
+    batch_size: BatchSize = 64,
+    workers: Workers = 0,
+    limit: Limit = None,
+    device: Device = "cpu",
+    out: Out = None,
+    progress: Progress = True,
+) -> None:
+    """Image-text recall@1/5/10 both ways (several captions per image)."""
+    _run(
+        "retrieval", checkpoint, model, pretrained, device, out, data=data, fmt=fmt, image_root=image_root, split=split,
+        slots=_csv(slots), text_field=text_field, long_text=long_text, identical_captions_as_hits=identical_as_hits,
+        fusion=fusion, branches=_csv(branches), per_branch=per_branch, chunk_size=chunk_size, batch_size=batch_size,
+        num_workers=workers, limit=limit, progress=progress,
+    )
+
+
+@app.command("long-retrieval")
+def long_retrieval(
+    data: Data,
+    checkpoint: Checkpoint = None,
+    model: ModelName = None,
+    pretrained: Pretrained = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto | manifest | long | urban1k | coco | karpathy")] = "auto",
+    image_root: Annotated[Optional[Path], typer.Option("--image-root")] = None,
+    slots: Annotated[Optional[str], typer.Option("--slots", help="Our manifests: the long slot (default detail).")] = None,
+    text_field: Annotated[Optional[str], typer.Option("--text-field")] = None,
+    long_text: Annotated[str, typer.Option("--long-text", help="truncate | split (sentence embeddings averaged).")] = "truncate",
+    fusion: Fusion = "mean",
+    branches: Branches = None,
+    per_branch: PerBranch = False,
+    batch_size: BatchSize = 64,
+    workers: Workers = 0,
+    limit: Limit = None,
+    device: Device = "cpu",
+    out: Out = None,
+    progress: Progress = True,
+) -> None:
+    """Retrieval with long captions (detail slot, ShareGPT4V / Urban1k / DCI-style files)."""
+    _run(
+        "long-retrieval", checkpoint, model, pretrained, device, out, data=data, fmt=fmt, image_root=image_root,
+        slots=_csv(slots), text_field=text_field, long_text=long_text, fusion=fusion, branches=_csv(branches),
+        per_branch=per_branch, batch_size=batch_size, num_workers=workers, limit=limit, progress=progress,
+    )
+
+
+@app.command()
+def zeroshot(
+    data: Data,
+    checkpoint: Checkpoint = None,
+    model: ModelName = None,
+    pretrained: Pretrained = None,
+    classnames: Annotated[Optional[str], typer.Option("--classnames", help="imagenet | a .txt/.json file (default: folder names).")] = None,
+    templates: Templates = "openai",
+    fusion: Fusion = "mean",
+    branches: Branches = None,
+    per_branch: PerBranch = False,
+    batch_size: BatchSize = 64,
+    workers: Workers = 0,
+    limit: Limit = None,
+    device: Device = "cpu",
+    out: Out = None,
+    progress: Progress = True,
+) -> None:
+    """Zero-shot classification on an ImageFolder: top-1/top-5, per-class recall."""
+    _run(
+        "zeroshot", checkpoint, model, pretrained, device, out, data=data, classnames=classnames, templates=templates,
+        fusion=fusion, branches=_csv(branches), per_branch=per_branch, batch_size=batch_size, num_workers=workers,
+        limit=limit, progress=progress,
+    )
+
+
+@app.command()
+def dense(
+    data: Data,
+    checkpoint: Checkpoint = None,
+    model: ModelName = None,
+    pretrained: Pretrained = None,
+    classes: Annotated[Optional[Path], typer.Option("--classes", help="Class names by mask value (default classes.json/.txt beside the data).")] = None,
+    templates: Templates = "openai",
+    fusion: Fusion = "mean",
+    branches: Branches = None,
+    per_branch: PerBranch = False,
+    batch_size: BatchSize = 16,
+    limit: Limit = None,
+    device: Device = "cpu",
+    out: Out = None,
+    progress: Progress = True,
+) -> None:
+    """Open-vocabulary segmentation from patch tokens; mIoU against class-index masks."""
+    _run(
+        "dense", checkpoint, model, pretrained, device, out, data=data, classes=classes, templates=templates,
+        fusion=fusion, branches=_csv(branches), per_branch=per_branch, batch_size=batch_size, limit=limit,
+        progress=progress,
+    )
+
+
+@app.command()
+def diversity(
+    data: Data,
+    checkpoint: Checkpoint = None,
+    model: ModelName = None,
+    pretrained: Pretrained = None,
+    slots: Annotated[Optional[str], typer.Option("--slots", help="Slots to compare (default all).")] = None,
+    limit: Limit = None,
+    device: Device = "cpu",
+    out: Out = None,
+    progress: Progress = True,
+) -> None:
+    """Mean cosine similarity between an image's texts, per slot pair (paper Table 9)."""
+    _run(
+        "diversity", checkpoint, model, pretrained, device, out, percent=False, data=data, slots=_csv(slots),
+        limit=limit, progress=progress,
+    )

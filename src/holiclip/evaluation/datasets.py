@@ -1,0 +1,447 @@
+"""Evaluation inputs in the formats researchers already have.
+
+Retrieval (:class:`RetrievalData`): our JSONL / CSV / webdataset manifests (one text per chosen
+slot), COCO captions JSON (``captions_val2014.json``), the Karpathy split JSON
+(``dataset_coco.json`` / ``dataset_flickr30k.json``), long-caption files (ShareGPT4V-style JSON
+lists, JSONL with one long caption per image) and the Urban1k folder layout
+(``image/NAME.jpg`` + ``caption/NAME.txt``).
+Classification (:class:`ClassificationData`): ImageFolder layout (``root/CLASS/IMAGE``).
+Segmentation (:class:`SegmentationData`): a folder ``images/`` + ``masks/`` (class-index PNGs,
+255 = ignore) matched by file stem, or a JSONL with ``image`` and ``mask`` fields (the built-in
+emoji scenes), with class names from a file.
+
+Bad input raises :class:`holiclip.data.records.DataError` naming the file, line or field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..data.readers import read_samples
+from ..data.records import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+RETRIEVAL_FORMATS = ("auto", "manifest", "coco", "karpathy", "long", "urban1k")
+
+
+@dataclass
+class RetrievalData:
+    images: list  # paths (str) or raw bytes
+    texts: list[str]
+    text_to_image: list[int]  # image row of each text
+    name: str = ""
+    image_ids: list[str] = field(default_factory=list)
+    text_slots: list[str] = field(default_factory=list)  # slot of each text, where known
+
+    def __post_init__(self):
+        if len(self.texts) != len(self.text_to_image):
+            raise ValueError("texts and text_to_image differ in length")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+
+
+def _root(path: Path, image_root) -> Path:
+    return Path(image_root) if image_root else path.parent
+
+
+def _resolve(root: Path, name: str) -> str:
+    p = Path(name)
+    return str(p if p.is_absolute() else root / p)
+
+
+def read_manifest_retrieval(path, slots: Sequence[str] | None = None, limit: int | None = None) -> RetrievalData:
+    """Our manifests: each image contributes its text in every slot of ``slots`` (all slots
+    it has when None). A sample missing a requested slot is an error naming its line."""
+    data = RetrievalData([], [], [], name=Path(str(path)).stem)
+    for sample in read_samples(path):
+        if limit is not None and len(data.images) >= limit:
+            break
+        wanted = list(slots) if slots else list(sample.captions)
+        row = len(data.images)
+        for slot in wanted:
+            text = sample.captions.get(slot)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{sample.where}: caption slot {slot!r} missing or empty (slots: {sorted(sample.captions)})")
+            data.texts.append(text)
+            data.text_to_image.append(row)
+            data.text_slots.append(slot)
+        data.images.append(sample.image)
+        data.image_ids.append(sample.where)
+    return data
+
+
+def read_coco_captions(path, image_root=None) -> RetrievalData:
+    """COCO ``captions_*.json``: ``images`` [{id, file_name}] + ``annotations`` [{image_id, caption}]."""
+    path = Path(path)
+    doc = _load_json(path)
+    if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
+        raise DataError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+    root = _root(path, image_root)
+    data, row_of = RetrievalData([], [], [], name=path.stem), {}
+    for i, im in enumerate(doc["images"]):
+        if "id" not in im or "file_name" not in im:
+            raise DataError(f"{path}: images[{i}] needs 'id' and 'file_name'")
+        row_of[im["id"]] = len(data.images)
+        data.images.append(_resolve(root, im["file_name"]))
+        data.image_ids.append(str(im["id"]))
+    for i, ann in enumerate(doc["annotations"]):
+        if ann.get("image_id") not in row_of or not isinstance(ann.get("caption"), str):
+            raise DataError(f"{path}: annotations[{i}] needs a known 'image_id' and a string 'caption'")
+        data.texts.append(ann["caption"].strip())
+        data.text_to_image.append(row_of[ann["image_id"]])
+    return data
+
+
+def read_karpathy(path, image_root=None, split: str = "test") -> RetrievalData:
+    """Karpathy split JSON (COCO or Flickr30k): ``images`` [{filepath?, filename, split,
+    sentences: [{raw}]}]. ``split`` is one of the file's splits: test, val, train, restval."""
+    path = Path(path)
+    doc = _load_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DataError(f"{path}: not a Karpathy split file (needs an 'images' list)")
+    root = _root(path, image_root)
+    data = RetrievalData([], [], [], name=f"{doc.get('dataset', path.stem)}-{split}")
+    for i, im in enumerate(doc["images"]):
+        if im.get("split") != split:
+            continue
+        if "filename" not in im or not isinstance(im.get("sentences"), list):
+            raise DataError(f"{path}: images[{i}] needs 'filename' and a 'sentences' list")
+        rel = Path(im.get("filepath", "")) / im["filename"]
+        row = len(data.images)
+        data.images.append(_resolve(root, str(rel)))
+        data.image_ids.append(str(im.get("cocoid", im.get("imgid", im["filename"]))))
+        for j, sent in enumerate(im["sentences"]):
+            text = sent.get("raw") if isinstance(sent, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}: images[{i}].sentences[{j}] has no string 'raw'")
+            data.texts.append(text.strip())
+            data.text_to_image.append(row)
+    if not data.images:
+        raise DataError(f"{path}: no images with split {split!r}")
+    return data
+
+
+_IMAGE_KEYS = ("image", "image_path", "file_name", "filename", "img")
+_TEXT_KEYS = ("long_caption", "caption", "text", "conversations")
+
+
+def _long_text(row: dict, where: str, text_field: str | None) -> str:
+    key = text_field or next((k for k in _TEXT_KEYS if k in row), None)
+    value = row.get(key) if key else None
+    if key == "conversations" and isinstance(value, list):  # ShareGPT4V: the model's answer
+        answers = [t.get("value") for t in value if isinstance(t, dict) and t.get("from") in ("gpt", "assistant")]
+        value = answers[-1] if answers else None
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: no long caption (looked for {[text_field] if text_field else list(_TEXT_KEYS)})")
+    return value.strip()
+
+
+def read_long_captions(path, image_root=None, text_field: str | None = None) -> RetrievalData:
+    """One long caption per image: a JSON list or JSONL of objects with an image field
+    (``image``, ``image_path``, ``file_name``...) and a text field (``long_caption``,
+    ``caption``, ``text`` or ShareGPT4V ``conversations``)."""
+    path = Path(path)
+    root = _root(path, image_root)
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+    else:
+        doc = _load_json(path)
+        if not isinstance(doc, list):
+            raise DataError(f"{path}: a long-caption file is a JSON list of objects")
+        rows = [(f"{path}: item {i}", r) for i, r in enumerate(doc)]
+    data = RetrievalData([], [], [], name=path.stem)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object")
+        key = next((k for k in _IMAGE_KEYS if isinstance(row.get(k), str)), None)
+        if key is None:
+            raise DataError(f"{where}: no image field (one of {list(_IMAGE_KEYS)})")
+        data.texts.append(_long_text(row, where, text_field))
+        data.text_to_image.append(len(data.images))
+        data.images.append(_resolve(root, row[key]))
+        data.image_ids.append(row[key])
+    return data
+
+
+def read_urban1k(root) -> RetrievalData:
+    """Urban1k layout: ``image/NAME.jpg`` with ``caption/NAME.txt``."""
+    root = Path(root)
+    data = RetrievalData([], [], [], name=root.name)
+    images = sorted(p for p in (root / "image").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for img in images:
+        cap = root / "caption" / (img.stem + ".txt")
+        if not cap.exists():
+            raise DataError(f"{img}: no caption file {cap}")
+        data.texts.append(cap.read_text(encoding="utf-8").strip())
+        data.text_to_image.append(len(data.images))
+        data.images.append(str(img))
+        data.image_ids.append(img.stem)
+    return data
+
+
+def detect_format(path) -> str:
+    p = Path(str(path))
+    if p.is_dir():
+        if (p / "image").is_dir() and (p / "caption").is_dir():
+            return "urban1k"
+        raise DataError(f"{p}: a folder must have image/ and caption/ subfolders (Urban1k layout)")
+    text = str(path)
+    if text.endswith((".tar", ".csv", ".tsv")) or "{" in text:
+        return "manifest"
+    if p.suffix == ".jsonl":
+        first = next((ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()), "{}")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{p}:1: malformed JSON ({err.msg})") from None
+        return "manifest" if isinstance(row, dict) and ("captions" in row or "caption" in row) else "long"
+    if p.suffix == ".json":
+        doc = _load_json(p)
+        if isinstance(doc, list):
+            return "long"
+        if isinstance(doc, dict) and "annotations" in doc:
+            return "coco"
+        if isinstance(doc, dict) and isinstance(doc.get("images"), list):
+            return "karpathy"
+        raise DataError(f"{p}: JSON is neither COCO captions, Karpathy split nor a long-caption list")
+    raise DataError(f"{p}: unknown retrieval data format; use --format one of {RETRIEVAL_FORMATS[1:]}")
+
+
+def load_retrieval(
+    path,
+    fmt: str = "auto",
+    image_root=None,
+    split: str = "test",
+    slots: Sequence[str] | None = None,
+    text_field: str | None = None,
+    limit: int | None = None,
+) -> RetrievalData:
+    """Reads any supported retrieval format (``fmt="auto"`` detects it)."""
+    if fmt not in RETRIEVAL_FORMATS:
+        raise ValueError(f"format must be one of {RETRIEVAL_FORMATS}, got {fmt!r}")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "manifest":
+        return read_manifest_retrieval(path, slots, limit)
+    if fmt == "coco":
+        data = read_coco_captions(path, image_root)
+    elif fmt == "karpathy":
+        data = read_karpathy(path, image_root, split)
+    elif fmt == "long":
+        data = read_long_captions(path, image_root, text_field)
+    else:
+        data = read_urban1k(path)
+    return _limit(data, limit)
+
+
+def _limit(data: RetrievalData, limit: int | None) -> RetrievalData:
+    if limit is None or limit >= len(data.images):
+        return data
+    keep = [i for i, img in enumerate(data.text_to_image) if img < limit]
+    return RetrievalData(
+        data.images[:limit], [data.texts[i] for i in keep], [data.text_to_image[i] for i in keep], data.name,
+        data.image_ids[:limit], [data.text_slots[i] for i in keep] if data.text_slots else [],
+    )
+
+
+# -- classification --------------------------------------------------------------------------
+@dataclass
+class ClassificationData:
+    images: list[str]
+    labels: list[int]
+    classnames: list[str]
+    name: str = ""
+
+
+def read_names_file(path) -> list[str] | dict:
+    """Class names: ``.txt`` one per line (``#`` comments skipped), or ``.json`` list / object."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    if path.suffix == ".json":
+        doc = _load_json(path)
+        if isinstance(doc, dict):
+            for key in ("classes", "names", "classnames", "mask_classes"):
+                if isinstance(doc.get(key), list):
+                    return [str(c) for c in doc[key]]
+            if all(isinstance(v, str) for v in doc.values()):
+                return doc
+            raise DataError(f"{path}: expected a list of names, {{'classes': [...]}} or {{key: name}}")
+        if not isinstance(doc, list):
+            raise DataError(f"{path}: expected a JSON list of class names")
+        return [str(c) for c in doc]
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def index_names(names: list[str] | dict, path="class names") -> list[str]:
+    """A list, or an ``{"0": name, ...}`` mapping with integer keys, as a list by index."""
+    if isinstance(names, list):
+        return names
+    try:
+        by_id = {int(k): v for k, v in names.items()}
+    except ValueError:
+        raise DataError(f"{path}: keys must be class indices to name mask values") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise DataError(f"{path}: class indices must be 0..{len(by_id) - 1} without gaps")
+    return [by_id[i] for i in range(len(by_id))]
+
+
+def read_image_folder(root, classnames: list[str] | dict | None = None) -> ClassificationData:
+    """ImageFolder layout. ``classnames``: a list in sorted-folder order (e.g. open_clip's
+    ImageNet names for synset folders) or a folder -> name mapping; folder names otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise DataError(f"{root}: no class folders (expected root/CLASS/IMAGE)")
+    if classnames is None:
+        names = [f.name.replace("_", " ") for f in folders]
+    elif isinstance(classnames, dict):
+        missing = [f.name for f in folders if f.name not in classnames]
+        if missing:
+            raise DataError(f"class names: no entry for folders {missing[:5]}")
+        names = [classnames[f.name] for f in folders]
+    else:
+        if len(classnames) != len(folders):
+            raise DataError(f"{root}: {len(folders)} class folders but {len(classnames)} class names")
+        names = list(classnames)
+    data = ClassificationData([], [], names, name=root.name)
+    for label, folder in enumerate(folders):
+        for img in sorted(folder.rglob("*")):
+            if img.suffix.lower() in IMAGE_SUFFIXES:
+                data.images.append(str(img))
+                data.labels.append(label)
+    if not data.images:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+    return data
+
+
+def load_templates(spec: str | None) -> list:
+    """``openai`` (open_clip's 80 ImageNet templates), ``simple``, or a text file, one template
+    per line with ``{}`` (or ``{c}``) where the class name goes."""
+    import open_clip
+
+    if spec in (None, "openai"):
+        return list(open_clip.OPENAI_IMAGENET_TEMPLATES)
+    if spec == "simple":
+        return list(open_clip.SIMPLE_IMAGENET_TEMPLATES)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"templates: {spec!r} is neither 'openai', 'simple' nor a file")
+    templates = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.replace("{c}", "{}")
+        if line.count("{}") != 1:
+            raise DataError(f"{path}:{lineno}: a template needs exactly one '{{}}' for the class name")
+        templates.append(line)
+    if not templates:
+        raise DataError(f"{path}: no templates")
+    return templates
+
+
+def load_classnames(spec: str | None) -> list[str] | dict | None:
+    """``imagenet`` (open_clip's names), a file, or None (folder names)."""
+    if spec is None:
+        return None
+    if spec == "imagenet":
+        import open_clip
+
+        return list(open_clip.IMAGENET_CLASSNAMES)
+    return read_names_file(spec)
+
+
+# -- segmentation ----------------------------------------------------------------------------
+@dataclass
+class SegmentationData:
+    images: list[str]
+    masks: list[str]  # class-index PNGs (pixel = class id, 255 = ignore)
+    classnames: list[str]
+    name: str = ""
+
+
+def _find_classes(root: Path, classes) -> list[str]:
+    if isinstance(classes, (list, dict)):
+        return index_names(classes)
+    if classes is not None:
+        return index_names(read_names_file(classes), classes)
+    for candidate in ("classes.json", "classes.txt"):
+        if (root / candidate).exists():
+            return index_names(read_names_file(root / candidate), root / candidate)
+    raise DataError(f"{root}: no classes.json / classes.txt; pass the class names file (--classes)")
+
+
+def read_mask_folder(root, classes=None) -> SegmentationData:
+    """``root/images/*`` and ``root/masks/*.png`` matched by stem."""
+    root = Path(root)
+    img_dir, mask_dir = root / "images", root / "masks"
+    if not img_dir.is_dir() or not mask_dir.is_dir():
+        raise DataError(f"{root}: expected images/ and masks/ subfolders")
+    names = _find_classes(root, classes)
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+    data = SegmentationData([], [], names, name=root.name)
+    for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if img.stem not in masks:
+            raise DataError(f"{img}: no mask {mask_dir / (img.stem + '.png')}")
+        data.images.append(str(img))
+        data.masks.append(str(masks[img.stem]))
+    if not data.images:
+        raise DataError(f"{img_dir}: no images")
+    return data
+
+
+def read_mask_manifest(path, classes=None, limit: int | None = None) -> SegmentationData:
+    """A JSONL whose rows have ``image`` and ``mask`` paths (relative to the file), e.g. the
+    built-in emoji scenes; class names from ``classes`` or ``classes.json`` beside the file."""
+    path = Path(path)
+    names = _find_classes(path.parent, classes)
+    data = SegmentationData([], [], names, name=path.stem)
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if limit is not None and len(data.images) >= limit:
+                break
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("mask"), str):
+                raise DataError(f"{path}:{lineno}: needs string fields 'image' and 'mask'")
+            data.images.append(_resolve(path.parent, row["image"]))
+            data.masks.append(_resolve(path.parent, row["mask"]))
+    if not data.images:
+        raise DataError(f"{path}: no rows")
+    return data
+
+
+def load_segmentation(path, classes=None, limit: int | None = None) -> SegmentationData:
+    p = Path(path)
+    if p.is_dir():
+        data = read_mask_folder(p, classes)
+        if limit is not None:
+            data.images, data.masks = data.images[:limit], data.masks[:limit]
+        return data
+    return read_mask_manifest(p, classes, limit)
