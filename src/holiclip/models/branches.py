@@ -51,13 +51,13 @@ class BranchLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, in) shared -> (H, B, T, out); (H, B, T, in) -> (H, B, T, out)."""
-        num_branches = self.weight.shape[0]
-        lead = x.shape[-3:-1]
-        flat = x.reshape(-1 if x.dim() == 4 else 1, lead[0] * lead[1], x.shape[-1])
-        if flat.shape[0] == 1:
-            flat = flat.expand(num_branches, -1, -1)
-        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
-        return out.view(num_branches, *lead, -1)
+        num_branches, out_features, in_features = self.weight.shape
+        if x.dim() == 3:  # one GEMM against all branches' weights at once
+            y = F.linear(x, self.weight.reshape(-1, in_features), self.bias.reshape(-1))
+            return y.view(*x.shape[:2], num_branches, out_features).permute(2, 0, 1, 3)
+        flat = x.reshape(num_branches, -1, in_features)
+        y = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
+        return y.view(*x.shape[:3], out_features)
 
 
 def check_supported(vit: VisionTransformer) -> None:
@@ -146,34 +146,49 @@ class MultiBranchViT(nn.Module):
         return fn(*args)
 
     @staticmethod
-    def _attend(blk: ResidualAttentionBlock, x: torch.Tensor, mask) -> torch.Tensor:
-        return x + blk.ls_1(blk.attention(q_x=blk.ln_1(x), attn_mask=mask))
+    def _attend(blk: ResidualAttentionBlock, x: torch.Tensor, mask, num_queries: int | None = None) -> torch.Tensor:
+        """Residual attention; with ``num_queries`` only the first tokens are updated (and returned)."""
+        kv = blk.ln_1(x)
+        if num_queries is None:
+            return x + blk.ls_1(blk.attention(q_x=kv, attn_mask=mask))
+        q = kv[:, :num_queries]
+        mask = mask[:num_queries] if mask is not None else None
+        return x[:, :num_queries] + blk.ls_1(blk.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask))
 
-    def _forked_block(self, blk: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    def _block(self, blk: ResidualAttentionBlock, x: torch.Tensor, mask, num_queries: int | None) -> torch.Tensor:
+        x = self._attend(blk, x, mask, num_queries)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    def _forked_block(self, blk: ResidualAttentionBlock, x: torch.Tensor, num_queries: int | None) -> torch.Tensor:
         """x: (B, T, W) before the fork (first forked block) or (H, B, T, W) after it."""
         streams = x.dim() == 4
         flat = x.flatten(0, 1) if streams else x
-        flat = self._attend(blk, flat, None)
+        flat = self._attend(blk, flat, None, num_queries)
         hidden = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(flat)))
         if streams:
             hidden = hidden.view(*x.shape[:2], *hidden.shape[1:])
-            base = flat.view_as(x)
+            base = flat.view(*x.shape[:2], *flat.shape[1:])
         else:
             base = flat.unsqueeze(0)
         return base + blk.ls_2(blk.mlp.c_proj(hidden))
 
-    def trunk(self, images: torch.Tensor, stop_before_last: bool = False) -> torch.Tensor:
-        """Token states: (B, T, W) for ``cls``, (H, B, T, W) for ``mlp`` once forked."""
+    def trunk(self, images: torch.Tensor, stop_before_last: bool = False, prefix_only: bool = False) -> torch.Tensor:
+        """Token states: (B, T, W) for ``cls``, (H, B, T, W) for ``mlp`` once forked.
+
+        ``prefix_only``: the last block updates only the class tokens (all that the embeddings
+        read), which skips the patch tokens' attention output and MLP there. Same result.
+        """
         x = self.embed(images)
         mask = self.attn_mask(x.shape[1], x)
         blocks = self.transformer.resblocks
         end = len(blocks) - 1 if stop_before_last else len(blocks)
         for i in range(end):
             blk = blocks[i]
+            queries = self.num_prefix if prefix_only and i == len(blocks) - 1 else None
             if i < self.fork_at:
-                x = self._run(lambda t, b=blk: b(t, attn_mask=mask), x)
+                x = self._run(lambda t, b=blk, q=queries: self._block(b, t, mask, q), x)
             else:
-                x = self._run(lambda t, b=blk: self._forked_block(b, t), x)
+                x = self._run(lambda t, b=blk, q=queries: self._forked_block(b, t, q), x)
         return x
 
     def branch_tokens(self, states: torch.Tensor) -> torch.Tensor:
@@ -187,7 +202,7 @@ class MultiBranchViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Un-normalised branch embeddings (B, H, D)."""
-        return self.head(self.branch_tokens(self.trunk(images)))
+        return self.head(self.branch_tokens(self.trunk(images, prefix_only=True)))
 
     # -- read-outs for evaluation ----------------------------------------------------------
     def _last_block_inputs(self, images: torch.Tensor) -> torch.Tensor:
