@@ -1,0 +1,102 @@
+"""`holiclip data`: build and inspect datasets (the built-in emoji benchmark)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Build and inspect datasets (built-in emoji benchmark).")
+console = Console()
+
+
+@app.command()
+def emoji(
+    out: Optional[Path] = typer.Option(None, "--out", help="Dataset folder (default .cache/emoji-<preset>)."),
+    preset: str = typer.Option("default", "--preset", help="default (120 classes, 8000 train) or tiny (tests)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (default 64)."),
+    classes: Optional[int] = typer.Option(None, "--classes", help="Number of object classes."),
+    train: Optional[int] = typer.Option(None, "--train", help="Training scenes."),
+    val: Optional[int] = typer.Option(None, "--val", help="Validation scenes."),
+    test: Optional[int] = typer.Option(None, "--test", help="Test scenes."),
+    heldout: Optional[int] = typer.Option(None, "--heldout", help="Scenes per held-out artwork style."),
+    heldout_styles: Optional[str] = typer.Option(None, "--heldout-styles",
+                                                 help="Comma-separated held-out styles (twemoji,openmoji)."),
+    max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Objects per scene, 1 to 4."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    fetch: bool = typer.Option(True, "--fetch/--no-fetch", help="Install missing sources (apt-get, npm pack)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+                                             help="Source cache (default .cache/emoji-sources)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a cached build matches."),
+) -> None:
+    """Build the emoji benchmark (cached: same parameters and sources return at once)."""
+    from holiclip.data.emoji import build as B
+    from holiclip.data.emoji.sources import MissingSourcesError
+
+    styles = tuple(s for s in heldout_styles.split(",") if s) if heldout_styles is not None else None
+    if max_objects is not None and not 1 <= max_objects <= 4:
+        raise typer.BadParameter("--max-objects must be 1 to 4")
+    try:
+        params = B.preset(preset, size=size, classes=classes, train=train, val=val, test=test,
+                          heldout=heldout, heldout_styles=styles, max_objects=max_objects, seed=seed)
+        root = out or Path(".cache") / f"emoji-{preset}"
+        with console.status("building emoji benchmark..."):
+            meta = B.build(root, params, cache_dir=cache_dir, fetch=fetch,
+                           force=force, log=lambda m: console.log(m))
+    except MissingSourcesError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1)
+    except (ValueError, FileExistsError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2)
+    _print_summary(meta)
+
+
+def _print_summary(meta: dict) -> None:
+    root = Path(meta["root"])
+    p = meta["params"]
+    state = "cached (no rebuild)" if meta.get("cached") else f"built in {meta['build_seconds']} s"
+    table = Table(title=f"emoji benchmark: {meta['n_classes']} classes, {meta['n_backgrounds']} background "
+                        f"colours, {p['size']} px, {state}")
+    for col in ("split", "style", "scenes", "objects 1/2/3/4", "distinct web captions", "web R@1 ceiling"):
+        table.add_column(col, justify="right" if col in ("scenes", "web R@1 ceiling") else "left")
+    for split, s in meta["splits"].items():
+        counts = "/".join(str(s["objects_per_scene"].get(str(k), 0)) for k in range(1, 5))
+        table.add_row(split, s["style"], str(s["n"]), counts, str(s["unique_web_captions"]),
+                      f"{s['web_strict_r1_ceiling']:.3f}")
+    console.print(table)
+    console.print(f"root: {root}")
+    console.print("splits: " + "  ".join(f"{split}.jsonl" for split in meta["splits"]))
+    console.print(f"classes: {root / 'classes.json'}   meta: {root / 'meta.json'}   "
+                  f"arrays: {root / 'arrays'}   licences: {root / 'LICENSES.md'}")
+    console.print(f"text slots: {', '.join(meta['slots'])}")
+
+
+@app.command()
+def sources(
+    fetch: bool = typer.Option(False, "--fetch/--check", help="Install what is missing, or only report."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default .cache/emoji-sources."),
+    styles: str = typer.Option("twemoji,openmoji", "--styles", help="Held-out artwork styles."),
+) -> None:
+    """Show (or fetch) the emoji benchmark's sources: font, Unicode data, held-out artwork."""
+    from holiclip.data.emoji.sources import MissingSourcesError, ensure_sources
+
+    wanted = tuple(s for s in styles.split(",") if s)
+    try:
+        src = ensure_sources(cache_dir, fetch=fetch, styles=wanted, log=lambda m: console.log(m))
+    except MissingSourcesError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1)
+    table = Table(title="emoji benchmark sources")
+    table.add_column("source")
+    table.add_column("version")
+    table.add_column("path")
+    table.add_row("noto", src.versions.get("noto", "-"), str(src.noto_font))
+    table.add_row("emoji-test.txt", src.versions.get("emoji_test", "-"), str(src.emoji_test))
+    table.add_row("CLDR annotations", src.versions.get("cldr", "-"), ", ".join(map(str, src.cldr)))
+    for name, d in src.art_dirs.items():
+        table.add_row(name, src.versions.get(name, "-"), str(d))
+    console.print(table)

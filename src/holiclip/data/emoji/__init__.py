@@ -1,0 +1,28 @@
+"""Built-in emoji benchmark: multi-perspective captioned scenes of emoji (see docs/emoji.md).
+
+Modules, in data-flow order: sources (find/fetch artwork and Unicode data) -> classes
+(which emoji, names, synonyms) -> sprites (artwork as arrays) -> backgrounds, scenes
+(layouts, compositing, masks) -> captions (six perspectives) -> splits, build (cached
+dataset, loaders).
+"""
+# Note: ``build`` here is the module (``from holiclip.data.emoji import build``);
+# the function is ``build.build`` or its alias ``build_dataset``.
+from . import build
+from .build import (
+    PRESETS,
+    EmojiParams,
+    load_classes,
+    load_masks,
+    load_split,
+    preset,
+    read_rows,
+    split_names,
+)
+from .sources import MissingSourcesError, ensure_sources
+
+build_dataset = build.build
+
+__all__ = [
+    "PRESETS", "EmojiParams", "build", "build_dataset", "load_classes", "load_masks", "load_split", "preset",
+    "read_rows", "split_names", "MissingSourcesError", "ensure_sources",
+]

@@ -1,0 +1,357 @@
+"""Find, fetch and version the raw sources of the emoji benchmark.
+
+Sources (all from the package registries this project may use):
+
+* Noto Color Emoji font (Debian ``fonts-noto-color-emoji``): the training artwork.
+* ``emoji-test.txt`` (Debian ``unicode-data``): names, groups and subgroups.
+* CLDR English annotations (Debian ``unicode-cldr-core``): keywords and spoken names.
+* Held-out artwork, fetched with ``npm pack`` into a cache folder: ``@twemoji/svg``
+  (flat vector, CC-BY 4.0) and ``openmoji`` (outlined flat, CC-BY-SA 4.0).
+
+``emoji-datasource-google`` is *not* a held-out style: it is Noto's own artwork, so a
+"held-out" test on it would share artwork with training. ``emoji-datasource-twitter`` is
+twemoji's artwork again as 64 px PNG; the SVG package covers it at any size. Apple's
+images are not licensed for this use and are never fetched.
+
+This module uses only the standard library, so ``scripts/install_emoji_sources.sh`` can
+run it (``python -m holiclip.data.emoji.sources --fetch``) before anything else works.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes.util
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Debian paths; the first existing one wins.
+NOTO_FONT_PATHS = (
+    "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
+    "/usr/share/fonts/noto/NotoColorEmoji.ttf",
+)
+EMOJI_TEST_PATHS = ("/usr/share/unicode/emoji/emoji-test.txt",)
+CLDR_ANNOTATION_PATHS = (
+    "/usr/share/unicode/cldr/common/annotations/en.xml",
+    "/usr/share/unicode/cldr/common/annotationsDerived/en.xml",
+)
+
+APT_PACKAGES = {
+    "noto": "fonts-noto-color-emoji",
+    "emoji_test": "unicode-data",
+    "cldr": "unicode-cldr-core",
+}
+
+
+@dataclass(frozen=True)
+class ArtworkStyle:
+    """One artwork style: where its images come from and what it may be used for."""
+
+    name: str
+    family: str  # artwork lineage; a held-out style must not share it with training
+    kind: str  # "font" or "svg"
+    npm: str | None  # npm package (pinned version) for svg styles
+    npm_version: str | None
+    svg_dir: str | None  # folder inside the npm package holding <codepoints>.svg
+    upper_hex: bool  # file names in upper-case hex
+    keep_fe0f: bool  # whether file names keep U+FE0F in single-emoji names
+    licence: str
+    attribution: str
+
+
+STYLES: dict[str, ArtworkStyle] = {
+    "noto": ArtworkStyle(
+        "noto", "google-noto", "font", None, None, None, False, False,
+        "SIL Open Font License 1.1 (font); Apache-2.0 (artwork sources)",
+        "Noto Color Emoji, Google, via Debian fonts-noto-color-emoji",
+    ),
+    "twemoji": ArtworkStyle(
+        "twemoji", "twitter-twemoji", "svg", "@twemoji/svg", "15.0.0", ".", False, False,
+        "CC-BY 4.0 (graphics)",
+        "Twemoji graphics by Twitter, Inc. and other contributors, CC-BY 4.0 (npm @twemoji/svg)",
+    ),
+    "openmoji": ArtworkStyle(
+        "openmoji", "openmoji", "svg", "openmoji", "17.0.0", "color/svg", True, False,
+        "CC-BY-SA 4.0 (derived images must stay CC-BY-SA)",
+        "OpenMoji, the open-source emoji and icon project, CC-BY-SA 4.0 (npm openmoji)",
+    ),
+}
+
+
+class MissingSourcesError(RuntimeError):
+    """Raised when a source is missing; ``commands`` are the exact installs needed."""
+
+    def __init__(self, missing: list[str], commands: list[str]):
+        self.missing = missing
+        self.commands = commands
+        lines = ["emoji benchmark sources missing: " + ", ".join(missing), "install them with:"]
+        lines += ["  " + c for c in commands]
+        lines.append("(or run scripts/install_emoji_sources.sh, which does exactly this)")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class Sources:
+    """What was found: file paths, artwork folders and version strings."""
+
+    cache_dir: Path
+    noto_font: Path | None = None
+    emoji_test: Path | None = None
+    cldr: list[Path] = field(default_factory=list)
+    art_dirs: dict[str, Path] = field(default_factory=dict)  # svg style -> folder of svgs
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def has_style(self, style: str) -> bool:
+        return self.noto_font is not None if style == "noto" else style in self.art_dirs
+
+    def summary(self) -> dict:
+        return {
+            "noto_font": str(self.noto_font) if self.noto_font else None,
+            "emoji_test": str(self.emoji_test) if self.emoji_test else None,
+            "cldr": [str(p) for p in self.cldr],
+            "art_dirs": {k: str(v) for k, v in self.art_dirs.items()},
+            "versions": dict(self.versions),
+        }
+
+
+def default_cache_dir() -> Path:
+    """``$HOLICLIP_EMOJI_SOURCES``, else ``.cache/emoji-sources`` in the source checkout
+    (when running from one, whatever the working directory), else under the working directory."""
+    env = os.environ.get("HOLICLIP_EMOJI_SOURCES")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[4]  # src/holiclip/data/emoji/sources.py -> repo
+    if (repo / "pyproject.toml").is_file() and (repo / "src" / "holiclip").is_dir():
+        return repo / ".cache" / "emoji-sources"
+    return Path.cwd() / ".cache" / "emoji-sources"
+
+
+def _first(paths) -> Path | None:
+    return next((Path(p) for p in paths if Path(p).is_file()), None)
+
+
+def _dpkg_version(package: str) -> str | None:
+    if not shutil.which("dpkg-query"):
+        return None
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _style_dir(cache_dir: Path, style: ArtworkStyle) -> Path:
+    return cache_dir / f"{style.name}-{style.npm_version}"
+
+
+def find_sources(cache_dir: Path | str | None = None) -> Sources:
+    """Look for every source without fetching anything."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    src = Sources(cache_dir=cache_dir)
+    src.noto_font = _first(NOTO_FONT_PATHS)
+    src.emoji_test = _first(EMOJI_TEST_PATHS)
+    src.cldr = [Path(p) for p in CLDR_ANNOTATION_PATHS if Path(p).is_file()]
+    if src.noto_font:
+        # The file digest, not only the package version, so a changed font rebuilds.
+        src.versions["noto"] = f"{_dpkg_version(APT_PACKAGES['noto']) or 'unknown'}+{_file_digest(src.noto_font)}"
+    if src.emoji_test:
+        head = src.emoji_test.read_text(encoding="utf-8", errors="replace")[:2000]
+        ver = next((ln.split(":", 1)[1].strip() for ln in head.splitlines() if ln.startswith("# Version:")), "?")
+        src.versions["emoji_test"] = ver
+    if src.cldr:
+        src.versions["cldr"] = _dpkg_version(APT_PACKAGES["cldr"]) or _file_digest(src.cldr[0])
+    for style in STYLES.values():
+        if style.kind != "svg":
+            continue
+        d = _style_dir(cache_dir, style)
+        if (d / ".complete").is_file():
+            src.art_dirs[style.name] = d / "svg"
+            src.versions[style.name] = (d / ".complete").read_text().strip()
+    return src
+
+
+def _missing_libraries(styles) -> list[tuple[str, str]]:
+    """(what, Debian package) for shared libraries Pillow/cairosvg load at run time."""
+    out = []
+    # Pillow's wheels bundle raqm but load FriBiDi dynamically; without it ZWJ emoji split.
+    if ctypes.util.find_library("fribidi") is None:
+        out.append(("FriBiDi library (Pillow raqm)", "libfribidi0"))
+    if any(STYLES[s].kind == "svg" for s in styles) and ctypes.util.find_library("cairo") is None:
+        out.append(("cairo library (cairosvg)", "libcairo2"))
+    return out
+
+
+def install_commands(src: Sources, styles=("twemoji", "openmoji")) -> tuple[list[str], list[str]]:
+    """(missing names, exact shell commands that would install them)."""
+    missing, apt = [], []
+    for what, package in _missing_libraries(styles):
+        missing.append(what)
+        apt.append(package)
+    if src.noto_font is None:
+        missing.append("Noto Color Emoji font")
+        apt.append(APT_PACKAGES["noto"])
+    if src.emoji_test is None:
+        missing.append("emoji-test.txt")
+        apt.append(APT_PACKAGES["emoji_test"])
+    if not src.cldr:
+        missing.append("CLDR annotations")
+        apt.append(APT_PACKAGES["cldr"])
+    commands = []
+    if apt:
+        commands.append("apt-get update && apt-get install -y " + " ".join(apt))
+    if any(STYLES[s].kind == "svg" for s in styles) and importlib.util.find_spec("cairosvg") is None:
+        missing.append("cairosvg (Python package)")
+        commands.append(f"{sys.executable} -m pip install 'cairosvg>=2.7'  # or: pip install -e '.[emoji]'")
+    for name in styles:
+        style = STYLES[name]
+        if style.kind == "svg" and name not in src.art_dirs:
+            missing.append(f"{name} artwork")
+            commands.append(f"npm pack {style.npm}@{style.npm_version} --pack-destination {src.cache_dir}"
+                            f"  # then unpack into {_style_dir(src.cache_dir, style)}/svg")
+    return missing, commands
+
+
+def _run(cmd: list[str], log, quiet: bool = False) -> bool:
+    log("$ " + " ".join(cmd))
+    try:
+        out = subprocess.run(cmd, timeout=900, stdout=subprocess.DEVNULL if quiet else None)
+        return out.returncode == 0
+    except (OSError, subprocess.SubprocessError) as err:
+        log(f"  failed: {err}")
+        return False
+
+
+def _apt_install(packages: list[str], log) -> None:
+    if not packages or not shutil.which("apt-get"):
+        return
+    prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if prefix is None:
+        log("not root and no sudo: cannot apt-get install " + " ".join(packages))
+        return
+    env_cmd = prefix + ["env", "DEBIAN_FRONTEND=noninteractive"]
+    # apt-get needs fresh lists on a new machine; update once, then install.
+    _run(env_cmd + ["apt-get", "update", "-qq"], log)
+    _run(env_cmd + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], log)
+
+
+def _safe_members(tar: tarfile.TarFile, wanted_dir: str):
+    """Only regular files under ``package/<wanted_dir>`` (plus licence files), no escapes."""
+    prefix = "package/" if wanted_dir in (".", "") else f"package/{wanted_dir.strip('/')}/"
+    for m in tar.getmembers():
+        name = m.name
+        if not m.isfile() or ".." in Path(name).parts or name.startswith("/"):
+            continue
+        base = name.split("/")[-1].lower()
+        if name.startswith(prefix) and name.endswith(".svg") and name[len(prefix):].count("/") == 0:
+            yield m, "svg/" + name[len(prefix):]
+        elif name.count("/") == 1 and (base.startswith("licen") or base == "package.json"):
+            yield m, base
+
+
+def _npm_fetch(style: ArtworkStyle, cache_dir: Path, log) -> None:
+    if not shutil.which("npm"):
+        log("npm not found: apt-get install -y npm")
+        return
+    target = _style_dir(cache_dir, style)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        if not _run(["npm", "pack", f"{style.npm}@{style.npm_version}", "--silent",
+                     "--pack-destination", tmp], log, quiet=True):
+            return
+        tgz = next(Path(tmp).glob("*.tgz"), None)
+        if tgz is None:
+            log(f"npm pack {style.npm} produced no tarball")
+            return
+        staging = Path(tmp) / "unpacked"
+        (staging / "svg").mkdir(parents=True)
+        with tarfile.open(tgz, "r:gz") as tar:
+            for member, rel in _safe_members(tar, style.svg_dir or "."):
+                data = tar.extractfile(member)
+                if data is not None:
+                    (staging / rel).write_bytes(data.read())
+        n = len(list((staging / "svg").glob("*.svg")))
+        if n == 0:
+            log(f"{tgz.name} holds no SVGs under {style.svg_dir}")
+            return
+        version = style.npm_version
+        if (staging / "package.json").is_file():
+            version = json.loads((staging / "package.json").read_text()).get("version", version)
+        (staging / ".complete").write_text(f"{version}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(staging), str(target))
+        log(f"{style.name}: {n} SVGs in {target}/svg")
+
+
+def fetch_missing(cache_dir: Path | str | None = None, styles=("twemoji", "openmoji"), log=print) -> Sources:
+    """Install what is missing (apt-get as root, ``npm pack`` into the cache); idempotent."""
+    src = find_sources(cache_dir)
+    apt = [package for _, package in _missing_libraries(styles)]
+    if src.noto_font is None:
+        apt.append(APT_PACKAGES["noto"])
+    if src.emoji_test is None:
+        apt.append(APT_PACKAGES["emoji_test"])
+    if not src.cldr:
+        apt.append(APT_PACKAGES["cldr"])
+    _apt_install(apt, log)
+    for name in styles:
+        style = STYLES[name]
+        if style.kind == "svg" and name not in src.art_dirs:
+            _npm_fetch(style, src.cache_dir, log)
+    return find_sources(src.cache_dir)
+
+
+def ensure_sources(cache_dir: Path | str | None = None, fetch: bool = True,
+                   styles=("twemoji", "openmoji"), log=print) -> Sources:
+    """Return the sources, fetching missing ones if ``fetch``; raise naming each missing install.
+
+    ``styles`` are the held-out artwork styles needed (Noto, emoji-test and CLDR are
+    always needed).
+    """
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown:
+        raise ValueError(f"unknown artwork style(s) {unknown}; known: {sorted(STYLES)}")
+    src = find_sources(cache_dir)
+    missing, _ = install_commands(src, styles)
+    if missing and fetch:
+        src = fetch_missing(src.cache_dir, styles, log=log)
+    missing, commands = install_commands(src, styles)
+    if missing:
+        raise MissingSourcesError(missing, commands)
+    return src
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Find or fetch the emoji benchmark sources.")
+    p.add_argument("--cache-dir", default=None, help="default: $HOLICLIP_EMOJI_SOURCES or ./.cache/emoji-sources")
+    p.add_argument("--styles", default="twemoji,openmoji", help="held-out artwork styles to fetch")
+    p.add_argument("--check", action="store_true", help="only report, fetch nothing")
+    args = p.parse_args(argv)
+    styles = tuple(s for s in args.styles.split(",") if s)
+    try:
+        src = ensure_sources(args.cache_dir, fetch=not args.check, styles=styles)
+    except MissingSourcesError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(json.dumps(src.summary(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
