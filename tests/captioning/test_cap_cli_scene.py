@@ -1,0 +1,87 @@
+"""CLI shape (as mounted by holiclip.cli.app) and the scene backend adapter."""
+import json
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from holiclip.cli.caption import app as caption_app
+
+from cap_helpers import make_images, read_jsonl
+
+
+def _main_app() -> typer.Typer:
+    # Mounted exactly as holiclip/cli/app.py does, without importing the other groups.
+    main = typer.Typer()
+    main.add_typer(caption_app, name="caption")
+
+    @main.command()
+    def other() -> None:  # a second command so that "caption" stays a group
+        pass
+
+    return main
+
+
+def _emoji_like(tmp: Path) -> Path:
+    imgs = make_images(tmp / "scenes", 3)
+    rows = [{"image": f"scenes/{p.name}", "captions": {"web": f"web {i}", "detail": f"a {i} emoji on a grid",
+                                                        "background": f"plain {i}"}} for i, p in enumerate(imgs)]
+    rows[2]["captions"].pop("background")
+    f = tmp / "emoji.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+def test_caption_group_shape_and_scene_backend(tmp_path: Path):
+    data = _emoji_like(tmp_path)
+    runner, main = CliRunner(), _main_app()
+    res = runner.invoke(main, ["caption", "--images", str(data), "--backend", "scene", "--perspectives",
+                               "detail,background", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 1, res.output  # one look-up fails: reported, exit code says so
+    assert "5 rows written" in res.output and "1 requests failed" in res.output
+    rows = read_jsonl(tmp_path / "out" / "captions.jsonl")
+    by = {(Path(r["image"]).name, r["perspective"]): r["text"] for r in rows}
+    assert by[("img000.png", "detail")] == "a 0 emoji on a grid" and by[("img001.png", "background")] == "plain 1"
+    assert {r["model"] for r in rows} == {"scene"}
+    fail = read_jsonl(tmp_path / "out" / "failures.jsonl")[0]
+    assert f"{data}:3: field 'captions' has no 'background'" in fail["error"]
+
+    res = runner.invoke(main, ["caption", "merge", str(tmp_path / "out"), "--out", str(tmp_path / "t.jsonl"),
+                               "--web-captions", str(data), "--slots", "web,detail@scene,detail", "--missing", "error"])
+    assert res.exit_code == 0, res.output
+    # the file's own 'detail' slot keeps its name; the scene backend's rows get '@scene'
+    assert "slots: web, detail@scene, detail" in res.output
+    first = read_jsonl(tmp_path / "t.jsonl")[0]
+    assert first == {"image": "scenes/img000.png", "captions": {"web": "web 0", "detail@scene": "a 0 emoji on a grid",
+                                                                "detail": "a 0 emoji on a grid"}}
+    res = runner.invoke(main, ["caption", "stats", str(tmp_path / "out"), "--no-diversity"])
+    assert res.exit_code == 0 and "detail" in res.output
+
+
+def test_caption_without_images_is_an_error_with_help():
+    res = CliRunner().invoke(_main_app(), ["caption"])
+    assert res.exit_code == 2 and "--images is required" in res.output and "merge" in res.output
+    res = CliRunner().invoke(caption_app, ["--images", "x", "--out", "o", "--backend", "gpt"])
+    assert res.exit_code == 2 and "--backend 'gpt'" in res.output
+    res = CliRunner().invoke(caption_app, ["--images", "x", "--out", "o", "--model", "m", "--shard", "3/2"])
+    assert res.exit_code == 2 and "--shard '3/2'" in res.output
+
+
+def test_torchrun_ranks_split_the_shard(tmp_path: Path, monkeypatch):
+    data = _emoji_like(tmp_path)
+    got = {}
+    for rank in (0, 1):  # what two torchrun ranks would run, one after the other
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        res = CliRunner().invoke(caption_app, ["--images", str(data), "--backend", "scene", "--perspectives", "detail",
+                                               "--out", str(tmp_path / "out"), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        got[rank] = read_jsonl(tmp_path / "out" / f"captions.{rank:05d}-of-00002.jsonl")
+    assert [Path(r["image"]).name for r in got[0]] == ["img000.png", "img002.png"]
+    assert [Path(r["image"]).name for r in got[1]] == ["img001.png"]
+    # a later unsharded re-run sees every shard file and has nothing left to do
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    res = CliRunner().invoke(caption_app, ["--images", str(data), "--backend", "scene", "--perspectives", "detail",
+                                           "--out", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 0 and "0 rows written" in res.output and "(3 already done)" in res.output
