@@ -24,8 +24,10 @@ def _main_app() -> typer.Typer:
 
 def _emoji_like(tmp: Path) -> Path:
     imgs = make_images(tmp / "scenes", 3)
-    rows = [{"image": f"scenes/{p.name}", "captions": {"web": f"web {i}", "detail": f"a {i} emoji on a grid",
-                                                        "background": f"plain {i}"}} for i, p in enumerate(imgs)]
+    # shaped like holiclip.data.emoji's <split>.jsonl rows (extra fields are ignored)
+    rows = [{"id": f"train/{i:06d}", "image": f"scenes/{p.name}", "mask": f"masks/{i:06d}.png",
+             "captions": {"web": f"web {i}", "detail": f"a {i} emoji on a grid", "background": f"plain {i}"},
+             "objects": [{"class": 3, "name": "cat", "bbox": [0, 0, 4, 4]}], "main": 3} for i, p in enumerate(imgs)]
     rows[2]["captions"].pop("background")
     f = tmp / "emoji.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))

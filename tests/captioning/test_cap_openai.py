@@ -1,6 +1,5 @@
 """The openai backend + runner against a real HTTP server on 127.0.0.1 that injects faults."""
 import email.utils
-import os
 import random
 import time
 from collections import Counter
