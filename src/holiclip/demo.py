@@ -1,0 +1,172 @@
+"""The side-by-side run behind ``make demo``: CLIP vs O2M vs Holistic CLIP on the built-in
+emoji benchmark, same images, steps and batch size for every variant.
+
+Variants are training configurations (PAPER.md section 5's comparison):
+  clip             H = 1, trained on the web caption only
+  o2m              H = 1, all text slots (one-to-many)
+  holistic_cls     H = M, Psi_CLS, the paper's M2M loss
+  holistic_mlp     H = M, Psi_MLP, the paper's M2M loss
+  holistic_hybrid  H = M, Psi_CLS, fused_weight 0.5 (ours, beyond the paper)
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.emoji import build as emoji
+from .demo_report import write_report
+from .evaluation.emoji_bench import evaluate_emoji
+from .evaluation.report import write_json
+from .models.registry import load_model
+from .training.config import load_config
+from .training.trainer import read_metrics, train
+
+SLOTS = ["web", "detail", "nouns", "background", "main"]
+PAPER_ORDER = ["clip", "o2m", "holistic_cls"]
+HEADLINE = ["short_i2t_r1", "short_t2i_r1", "long_i2t_r1", "long_t2i_r1", "zeroshot_main_top1",
+            "zeroshot_background_top1", "zeroshot_heldout_style_top1", "dense_miou"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    overrides: tuple[str, ...]
+    ours: bool = False  # beyond the paper
+
+
+VARIANTS = {
+    v.name: v for v in [
+        Variant("clip", "CLIP (web text only)", ("model.branches=[global]", "data.slots=[web]")),
+        Variant("o2m", "O2M (H=1, all texts)", ("model.branches=[global]",)),
+        Variant("holistic_cls", "Holistic Psi_CLS (M2M)", ("model.encoder=cls",)),
+        Variant("holistic_mlp", "Holistic Psi_MLP (M2M)", ("model.encoder=mlp",)),
+        Variant("holistic_hybrid", "Holistic hybrid, fused_weight 0.5 (ours)",
+                ("model.encoder=cls", "loss.fused_weight=0.5"), ours=True),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    preset: str
+    steps: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    model: str = "holi-small-minilm"
+    lr: float = 1e-3
+    warmup: int = 50
+    mlp_layers: int = 1
+    eval_limit: int | None = None
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+
+MODES = {
+    # tiny data, a handful of steps: exercises every code path in well under a minute
+    "quick": Mode("quick", "tiny", steps=4, batch_size=8, seeds=(0,), warmup=1),
+    "default": Mode("default", "default", steps=600, batch_size=128, seeds=(0,)),
+    "full": Mode("full", "default", steps=600, batch_size=128, seeds=(0, 1, 2)),
+}
+
+
+def train_overrides(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, cache_dir: Path) -> list[str]:
+    return [
+        f"model.name={mode.model}", "model.lock_text=true", f"model.mlp_layers={mode.mlp_layers}",
+        f"data.train={data / 'train.jsonl'}", f"data.slots=[{','.join(SLOTS)}]", "data.cache_images=true",
+        f"optim.steps={mode.steps}", f"optim.batch_size={mode.batch_size}", f"optim.lr={mode.lr}",
+        f"optim.warmup_steps={mode.warmup}", "optim.weight_decay=0.1",
+        f"run.out={out}", f"run.seed={seed}", "run.log_every=10", f"run.save_every={max(50, mode.steps // 4)}",
+        f"run.cache_dir={cache_dir}", "run.tensorboard=false", *mode.extra, *variant.overrides,
+    ]
+
+
+def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, cache_dir: Path, log) -> dict:
+    """Trains (or resumes / reuses a finished run) then evaluates one variant and seed."""
+    run_dir = out / variant.name / f"seed{seed}"
+    cfg = load_config(None, train_overrides(mode, variant, data, run_dir, seed, cache_dir))
+    done = run_dir / "model" / "holiclip_config.json"
+    train_s = None
+    if done.exists() and json.loads(done.read_text()).get("train_config") == cfg.to_dict():
+        log(f"[{variant.name} seed {seed}] finished run found in {run_dir}: reusing it")
+    else:
+        log(f"[{variant.name} seed {seed}] training {mode.steps} steps x {mode.batch_size} images")
+        t0 = time.perf_counter()
+        train(cfg, resume="latest")
+        train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = load_model(run_dir / "model")
+    metrics = evaluate_emoji(model, data, slots=SLOTS, limit=mode.eval_limit)
+    eval_s = time.perf_counter() - t0
+    curve = [{"step": m["step"], "loss": m["loss"]} for m in read_metrics(run_dir)]
+    write_json(run_dir / "eval.json", metrics)
+    return {"metrics": metrics, "train_seconds": train_s, "eval_seconds": eval_s, "curve": curve,
+            "run_dir": str(run_dir)}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean and spread (std over seeds) of the fused, routed and per-branch metrics."""
+    def stats(dicts):
+        keys = dicts[0].keys()
+        return {k: float(np.mean([d[k] for d in dicts])) for k in keys}, (
+            {k: float(np.std([d[k] for d in dicts])) for k in keys} if len(dicts) > 1 else {}
+        )
+
+    fused, fused_std = stats([r["metrics"]["fused"] for r in per_seed])
+    out = {"metrics": fused, "metrics_std": fused_std, "seeds": len(per_seed)}
+    if per_seed[0]["metrics"].get("routed"):
+        out["routed"], out["routed_std"] = stats([r["metrics"]["routed"] for r in per_seed])
+    branches = per_seed[0]["metrics"].get("per_branch") or {}
+    out["per_branch"] = {b: stats([r["metrics"]["per_branch"][b] for r in per_seed])[0] for b in branches}
+    times = [r["train_seconds"] for r in per_seed if r["train_seconds"] is not None]
+    out["train_seconds"] = float(np.mean(times)) if times else None
+    out["eval_seconds"] = float(np.mean([r["eval_seconds"] for r in per_seed]))
+    out["curves"] = [r["curve"] for r in per_seed]
+    return out
+
+
+def run_demo(mode_name: str = "default", variants: list[str] | None = None, out: str | Path = "runs/demo",
+             data_dir: str | Path | None = None, steps: int | None = None, seeds: int | None = None,
+             log=print) -> dict:
+    mode = MODES[mode_name]
+    if steps:
+        mode = replace(mode, steps=steps)
+    if seeds:
+        mode = replace(mode, seeds=tuple(range(seeds)))
+    names = variants or list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    out = Path(out)
+    cache_dir = Path(".cache/holiclip")
+    t_start = time.perf_counter()
+    data = Path(data_dir) if data_dir else cache_dir / f"emoji-{mode.preset}"
+    log(f"building / reusing the emoji benchmark ({mode.preset}) in {data}")
+    t0 = time.perf_counter()
+    emoji.build(data, emoji.preset(mode.preset))
+    data_s = time.perf_counter() - t0
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = {}
+    for name in names:
+        per_seed = [run_variant(mode, VARIANTS[name], data, out, s, cache_dir, log) for s in mode.seeds]
+        results[name] = {"label": VARIANTS[name].label, "beyond_paper": VARIANTS[name].ours, **aggregate(per_seed)}
+    summary = {
+        "variants": results,
+        "config": {**asdict(mode), "slots": SLOTS, "data": str(data), "data_meta": _meta(data)},
+        "timing": {"data_seconds": data_s, "total_seconds": time.perf_counter() - t_start},
+    }
+    write_report(summary, out)
+    return summary
+
+
+def _meta(data: Path) -> dict:
+    path = data / "meta.json"
+    if not path.exists():
+        return {}
+    meta = json.loads(path.read_text())
+    return {k: meta[k] for k in ("params", "splits", "sources") if k in meta}
