@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # another (multi-GB CUDA) torch. Override for a GPU box, e.g. make TORCH_SPEC="torch==2.13.0 torchvision==0.28.0 --index-url ...".
 TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench emoji-sources
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
-test: venv
+# Debian's Noto font / emoji names / CLDR keywords and npm's held-out artwork (idempotent).
+emoji-sources:
+	bash scripts/install_emoji_sources.sh
+
+test: venv emoji-sources
 	$(PY) -m pytest tests
 
-demo: venv
+demo: venv emoji-sources
 	$(VENV)/bin/holiclip demo $(DEMO_ARGS)
 
 bench: venv

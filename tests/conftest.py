@@ -3,18 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import holiclip  # noqa: F401  (installs the torchvision shim before open_clip is imported)
-
-# Registry configs the model tests run on (timm-style parametrisation); ViT-B ones are too slow.
-SMALL_CONFIGS = ("holi-tiny", "holi-small")
-
-
-def unit(*shape, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
-    """Random L2-normalised features (last dim)."""
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import unit
+from core_utils import unit
 
 from holiclip import M2MLoss
 

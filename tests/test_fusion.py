@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import unit
+from core_utils import unit
 
 from holiclip import FUSION_MODES, fuse
 from holiclip.models.fusion import select_branches

@@ -7,7 +7,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import unit
+from core_utils import unit
 
 from holiclip import M2MLoss
 from holiclip.loss import diversity_penalty, pair_branches

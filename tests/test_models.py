@@ -7,7 +7,7 @@ import sys
 import open_clip
 import pytest
 import torch
-from conftest import SMALL_CONFIGS
+from core_utils import SMALL_CONFIGS
 from safetensors.torch import save_file
 
 import holiclip
