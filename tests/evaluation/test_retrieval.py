@@ -64,13 +64,16 @@ def test_identical_caption_groups_are_transitive():
 
 
 def _topk_reference(images, texts, t2i, ks):
-    """The usual dense COCO implementation: full similarity matrix + torch.topk membership."""
+    """The usual dense COCO implementation: full similarity matrix + torch.topk membership
+    (images without any text left out of image-to-text)."""
     t2i = torch.as_tensor(t2i)
     sim = images @ texts.T
+    has_text = torch.zeros(len(images), dtype=torch.bool)
+    has_text[t2i] = True
     out = {}
     for k in ks:
         top_txt = sim.topk(k, dim=1).indices  # (N_img, k)
-        i2t_hit = (t2i[top_txt] == torch.arange(len(images))[:, None]).any(1)
+        i2t_hit = (t2i[top_txt] == torch.arange(len(images))[:, None]).any(1)[has_text]
         top_img = sim.T.topk(k, dim=1).indices  # (N_txt, k)
         t2i_hit = (top_img == t2i[:, None]).any(1)
         out[f"i2t_R@{k}"] = i2t_hit.double().mean().item()
@@ -80,6 +83,7 @@ def _topk_reference(images, texts, t2i, ks):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
 def test_chunked_equals_dense_on_random_data(chunk):
+    """More texts than images: the pass streams over blocks of texts."""
     g = torch.Generator().manual_seed(chunk)
     n_img, d = 120, 16
     images = F.normalize(torch.randn(n_img, d, generator=g), dim=-1)
@@ -93,6 +97,18 @@ def test_chunked_equals_dense_on_random_data(chunk):
     assert 0.05 < got["t2i_R@5"] < 0.95
 
 
+@pytest.mark.parametrize("chunk", [1, 13, None])
+def test_chunked_equals_dense_more_images_than_texts(chunk):
+    """More images than texts (some images without any): the pass streams over images."""
+    g = torch.Generator().manual_seed(11)
+    images = F.normalize(torch.randn(300, 16, generator=g), dim=-1)
+    t2i = torch.randint(0, 300, (150,), generator=g)
+    texts = F.normalize(images[t2i] + 1.2 * torch.randn(150, 16, generator=g), dim=-1)
+    got = recall_at_k(images, texts, t2i, chunk_size=chunk)
+    assert got == pytest.approx(_topk_reference(images, texts, t2i, (1, 5, 10)), abs=1e-12)
+    assert 0.05 < got["i2t_R@5"] < 0.95
+
+
 def test_chunking_does_not_change_grouped_ranks():
     g = torch.Generator().manual_seed(3)
     images = F.normalize(torch.randn(50, 8, generator=g), dim=-1)
@@ -103,6 +119,17 @@ def test_chunking_does_not_change_grouped_ranks():
     for chunk in (1, 3, 17):
         parts = retrieval_ranks(images, texts, t2i, image_groups=groups, chunk_size=chunk)
         assert torch.equal(parts[0], full[0]) and torch.equal(parts[1], full[1])
+
+
+def test_half_precision_inputs_are_ranked_in_float32():
+    g = torch.Generator().manual_seed(4)
+    images = F.normalize(torch.randn(60, 16, generator=g), dim=-1).half()
+    texts = F.normalize(torch.randn(180, 16, generator=g), dim=-1).half()
+    t2i = torch.arange(60).repeat_interleave(3)
+    timings = {}
+    half = recall_at_k(images, texts, t2i, chunk_size=7, timings=timings)
+    assert half == recall_at_k(images.float(), texts.float(), t2i)
+    assert set(timings) == {"setup_s", "chunks_s"}
 
 
 def test_images_without_texts_leave_the_i2t_average():

@@ -1,5 +1,6 @@
 """`holiclip explain IMAGE --checkpoint DIR --out maps.png`: the image and each branch's
-last-block class-token attention map, titled with the branch names (paper Fig. 3)."""
+last-block class-token attention map, titled with the branch names (paper Fig. 3); a table of
+each map's peak patch and entropy, and the raw maps in maps.json beside the PNG."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,13 +19,17 @@ def app(
     device: Annotated[str, typer.Option("--device")] = "cpu",
 ) -> None:
     """Per-branch attention maps of an image."""
-    from holiclip.evaluation import explain_image, load_eval_model
+    from holiclip.evaluation import explain_image, load_eval_model, print_rows, write_json
+    from holiclip.evaluation.explain import attention_summary
 
     try:
         em = load_eval_model(checkpoint, model, pretrained, device)
         pick = [b.strip() for b in branches.split(",") if b.strip()] if branches else None
         path = explain_image(em.model, image, out, branches=pick, device=em.device, title=f"{em.name} ({Path(em.pretrained).name})")
+        rows = [r for r in attention_summary(em.model, image, em.device) if pick is None or r["branch"] in pick]
     except (FileNotFoundError, KeyError, ValueError) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"wrote {path}")
+    print_rows(rows, ["branch", "peak_row", "peak_col", "entropy"], title=f"attention, last block: {image.name}", percent=False)
+    sidecar = write_json(path.with_suffix(".json"), {"image": str(image), "model": em.name, "pretrained": em.pretrained, "branches": rows})
+    typer.echo(f"wrote {path} and {sidecar}")

@@ -1,6 +1,7 @@
 """Per-branch attention maps of one image as a PNG (paper Fig. 3): the image as the model sees
 it, then each branch's class-token-to-patch attention in the last block (heads averaged),
-upsampled and overlaid, titled with the branch name."""
+upsampled and overlaid, titled with the branch name. :func:`attention_summary` gives the
+numbers behind it (peak patch, entropy, the raw grid) for a table and a JSON sidecar."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,6 +28,22 @@ def branch_attention(model, image, device: str | torch.device = "cpu") -> tuple[
     up = (up - lo) / (hi - lo).clamp_min(1e-12)
     shown = np.asarray(pil.resize((size[1], size[0])), dtype=np.float32) / 255.0
     return shown, up
+
+
+@torch.no_grad()
+def attention_summary(model, image, device: str | torch.device = "cpu") -> list[dict]:
+    """Per branch: the raw (gh, gw) map, its peak patch (row, col), and its entropy relative to
+    a uniform map (1.0 = spread evenly over the patches, 0.0 = all on one patch)."""
+    x = dense_transform(model.image_size)(open_image(image))[None].to(device)
+    maps = model.attention_maps(x)[0].float().cpu()
+    out = []
+    for name, m in zip(model.branch_names, maps):
+        p = m.flatten() / m.sum().clamp_min(1e-12)
+        entropy = float(-(p * p.clamp_min(1e-12).log()).sum() / np.log(p.numel())) if p.numel() > 1 else 0.0
+        peak = int(p.argmax())
+        out.append({"branch": name, "peak_row": peak // m.shape[1], "peak_col": peak % m.shape[1],
+                    "entropy": entropy, "map": m.tolist()})
+    return out
 
 
 def explain_image(

@@ -4,12 +4,14 @@ Text-to-image: a text query hits at k when its own image ranks in the top k imag
 Image-to-text: an image query hits at k when any of its texts ranks in the top k texts.
 
 How it streams. A hit at k only needs the *rank* of the best correct item, and that rank is
-the number of wrong items scoring at least as high. So one pass over chunks of images
-computes ``S = images[chunk] @ texts.T`` (chunk x N_txt) and from it, at once,
-* each image row's count of wrong texts at or above its best own text (image-to-text), and
-* each text column's running count of wrong images at or above its own image's score
-  (text-to-image), added up over the chunks.
-Peak memory is the features plus one chunk x N_txt score block (and a same-sized boolean);
+the number of wrong items scoring at least as high. So one pass over blocks of texts (of the
+larger side; images when there are more images) computes ``S = texts[block] @ images.T``
+(block x N_img) and from it, at once,
+* each text row's count of wrong images at or above its own image's score (text-to-image), and
+* each image column's running count of wrong texts at or above its best own text
+  (image-to-text), added up over the blocks.
+Streaming over the larger side means the matrix the GEMM re-reads for every block is the
+smaller one. Peak memory is the features plus one reused block of scores (and a small one);
 every k comes from the same ranks, and the result is exactly that of a dense computation
 with the same tie rule (tested). The "correct" scores are computed beforehand as direct dot
 products over the (image, text) positive pairs.
@@ -27,6 +29,7 @@ that share an identical caption (in COCO a few do, and a model cannot tell them 
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -36,6 +39,7 @@ from ..models.fusion import fuse
 
 TIE_RULES = ("pessimistic", "optimistic")
 DEFAULT_BLOCK_ELEMENTS = 2**25  # scores per chunk: 128 MB in float32
+PAIR_BLOCK_ELEMENTS = 2**22  # gathered feature values per step when scoring correct pairs
 
 
 def _as_index(text_to_image, num_texts: int, num_images: int) -> torch.Tensor:
@@ -89,13 +93,48 @@ def positive_pairs(text_to_image: torch.Tensor, image_groups=None, num_images: i
     return pairs[torch.argsort(pairs[:, 0], stable=True)]
 
 
-def _pair_scores(images: torch.Tensor, texts: torch.Tensor, pairs: torch.Tensor, block: int) -> torch.Tensor:
+def correct_scores(images: torch.Tensor, texts: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Dot product of each (image, text) pair in ``pairs`` (P, 2), in blocks."""
     out = torch.empty(pairs.shape[0], dtype=images.dtype, device=images.device)
-    step = max(1, block // max(1, images.shape[1]))
+    step = max(1, PAIR_BLOCK_ELEMENTS // max(1, images.shape[1]))
     for s in range(0, pairs.shape[0], step):
         p = pairs[s : s + step].to(images.device)
-        out[s : s + step] = (images[p[:, 0]] * texts[p[:, 1]]).sum(-1)
+        out[s : s + step] = (images.index_select(0, p[:, 0]) * texts.index_select(0, p[:, 1])).sum(-1)
     return out
+
+
+def _stream_counts(rows, cols, pairs, thr_rows, thr_cols, compare, step: int, progress: bool):
+    """One pass over ``rows @ cols.T`` in blocks of ``step`` rows. pairs (P, 2) = correct
+    (row, col), sorted by row. Returns, per row, the wrong columns scoring past its threshold
+    and, per column, the wrong rows scoring past its threshold."""
+    n_rows, n_cols = rows.shape[0], cols.shape[0]
+    device = rows.device
+    count_dtype = torch.float32 if max(n_rows, n_cols) < 2**24 else torch.float64  # exact 0/1 sums
+    row_count = torch.empty(n_rows, dtype=torch.long)
+    col_count = torch.zeros(n_cols, dtype=torch.float64, device=device)
+    # reused blocks: fresh 100+ MB allocations per block cost more than the comparisons
+    scores_buf = torch.empty(min(step, n_rows), n_cols, dtype=rows.dtype, device=device)
+    sub = max(1, min(step, PAIR_BLOCK_ELEMENTS // max(1, n_cols)))  # rows per row-side comparison
+    work_buf = torch.empty(sub, n_cols, dtype=rows.dtype, device=device)
+    neg_inf = torch.tensor(float("-inf"), dtype=rows.dtype, device=device)
+    pair_rows = pairs[:, 0].contiguous()
+    for start in tqdm(range(0, n_rows, step), desc="retrieval", unit="block", disable=not progress):
+        end = min(start + step, n_rows)
+        scores = scores_buf[: end - start]
+        torch.matmul(rows[start:end], cols.T, out=scores)
+        lo, hi = torch.searchsorted(pair_rows, torch.tensor([start, end]))
+        p = pairs[lo:hi].to(device)
+        scores[p[:, 0] - start, p[:, 1]] = neg_inf  # correct pairs are not competitors
+        # comparisons written as 0/1 floats into preallocated blocks, then summed: much
+        # faster on CPU than bool temporaries and integer reductions
+        thr = thr_rows[start:end].to(device)
+        for r in range(0, end - start, sub):
+            work = work_buf[: min(sub, end - start - r)]
+            compare(scores[r : r + sub], thr[r : r + sub, None], out=work)
+            row_count[start + r : start + r + work.shape[0]] = work.sum(1, dtype=count_dtype).long().cpu()
+        compare(scores, thr_cols, out=scores)
+        col_count += scores.sum(0, dtype=count_dtype)
+    return row_count, col_count.long().cpu()
 
 
 def retrieval_ranks(
@@ -107,12 +146,16 @@ def retrieval_ranks(
     tie_tol: float = 1e-6,
     chunk_size: int | None = None,
     progress: bool = False,
+    timings: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based rank of the best correct item per query: (i2t per image, t2i per text).
 
     ``image_features`` must already be (N_img, D) (see :func:`prepare_image_features`).
-    Images with no text get rank -1. ``chunk_size`` images per block; by default as many as
-    keep a block near 32M scores.
+    Images with no text get rank -1. The pass streams over blocks of the larger side (texts,
+    usually), so the matrix re-read for every block is the smaller one; ``chunk_size`` is the
+    rows of that side per block, by default as many as keep a block near 32M scores.
+    ``timings``, when a dict, receives ``setup_s`` (correct-pair scores) and ``chunks_s``
+    (the streamed pass) in seconds.
     """
     if ties not in TIE_RULES:
         raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
@@ -122,39 +165,37 @@ def retrieval_ranks(
         raise ValueError(f"feature sizes differ: images D={image_features.shape[1]}, texts D={text_features.shape[1]}")
     n_img, n_txt = image_features.shape[0], text_features.shape[0]
     t2i = _as_index(text_to_image, n_txt, n_img)
+    clock = time.perf_counter()
     device = image_features.device
-    dtype = torch.promote_types(image_features.dtype, text_features.dtype)
+    # at least float32: half-precision rounding would exceed tie_tol and make ranks chunk-dependent
+    dtype = torch.promote_types(torch.promote_types(image_features.dtype, text_features.dtype), torch.float32)
     images, texts = image_features.to(dtype), text_features.to(device, dtype)
 
-    pairs = positive_pairs(t2i, image_groups, n_img)
-    pair_score = _pair_scores(images, texts, pairs, DEFAULT_BLOCK_ELEMENTS)
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype)
-    # best correct score per text (for t2i) and per image (for i2t)
-    best_txt = torch.full((n_txt,), float("-inf"), dtype=dtype).scatter_reduce(0, pairs[:, 1], pair_score.cpu(), "amax")
-    best_img = torch.full((n_img,), float("-inf"), dtype=dtype).scatter_reduce(0, pairs[:, 0], pair_score.cpu(), "amax")
-    # pessimistic: count wrong scores >= best - tol; optimistic: count wrong scores > best + tol
+    pairs = positive_pairs(t2i, image_groups, n_img)  # (image, text), sorted by image
+    score = correct_scores(images, texts, pairs).cpu()
+    # best correct score per image (i2t) and per text (t2i); a wrong item at least this good
+    # (pessimistic: >= best - tol) or better (optimistic: > best + tol) ranks above it
+    best_img = torch.full((n_img,), float("-inf"), dtype=dtype).scatter_reduce(0, pairs[:, 0], score, "amax")
+    best_txt = torch.full((n_txt,), float("-inf"), dtype=dtype).scatter_reduce(0, pairs[:, 1], score, "amax")
     shift = -tie_tol if ties == "pessimistic" else tie_tol
-    thr_txt = (best_txt + shift).to(device)
-    t2i_rank = torch.zeros(n_txt, dtype=torch.long, device=device)
-    i2t_rank = torch.empty(n_img, dtype=torch.long)
+    compare = torch.ge if ties == "pessimistic" else torch.gt
+    setup_done = time.perf_counter()
 
-    step = chunk_size or max(1, DEFAULT_BLOCK_ELEMENTS // max(1, n_txt))
-    pair_images = pairs[:, 0].contiguous()
-    for start in tqdm(range(0, n_img, step), desc="retrieval", unit="chunk", disable=not progress):
-        end = min(start + step, n_img)
-        scores = images[start:end] @ texts.T  # (chunk, N_txt)
-        lo, hi = torch.searchsorted(pair_images, torch.tensor([start, end]))
-        p = pairs[lo:hi].to(device)
-        scores[p[:, 0] - start, p[:, 1]] = neg_inf.to(device)  # correct pairs are not competitors
-        thr_img = (best_img[start:end] + shift).to(device)
-        if ties == "pessimistic":
-            i2t_rank[start:end] = (scores >= thr_img[:, None]).sum(1).cpu()
-            t2i_rank += (scores >= thr_txt[None, :]).sum(0)
-        else:
-            i2t_rank[start:end] = (scores > thr_img[:, None]).sum(1).cpu()
-            t2i_rank += (scores > thr_txt[None, :]).sum(0)
+    if n_txt > n_img:
+        by_text = pairs[:, [1, 0]][torch.argsort(pairs[:, 1], stable=True)]
+        step = chunk_size or max(1, DEFAULT_BLOCK_ELEMENTS // max(1, n_img))
+        t2i_rank, i2t_rank = _stream_counts(
+            texts, images, by_text, best_txt + shift, (best_img + shift).to(device), compare, step, progress
+        )
+    else:
+        step = chunk_size or max(1, DEFAULT_BLOCK_ELEMENTS // max(1, n_txt))
+        i2t_rank, t2i_rank = _stream_counts(
+            images, texts, pairs, best_img + shift, (best_txt + shift).to(device), compare, step, progress
+        )
     i2t_rank[torch.isinf(best_img)] = -1
-    return i2t_rank, t2i_rank.cpu()
+    if timings is not None:
+        timings.update(setup_s=setup_done - clock, chunks_s=time.perf_counter() - setup_done)
+    return i2t_rank, t2i_rank
 
 
 def recall_at_k(
@@ -170,6 +211,7 @@ def recall_at_k(
     tie_tol: float = 1e-6,
     chunk_size: int | None = None,
     progress: bool = False,
+    timings: dict | None = None,
 ) -> dict[str, float]:
     """Recall@k both ways, as fractions in [0, 1]: ``{"i2t_R@1": ..., "t2i_R@1": ..., ...}``.
 
@@ -179,7 +221,9 @@ def recall_at_k(
     the image-to-text average. See the module docstring for ties and ``image_groups``.
     """
     images = prepare_image_features(image_features, fusion, branches, names)
-    i2t, t2i = retrieval_ranks(images, text_features, text_to_image, image_groups, ties, tie_tol, chunk_size, progress)
+    i2t, t2i = retrieval_ranks(
+        images, text_features, text_to_image, image_groups, ties, tie_tol, chunk_size, progress, timings
+    )
     return recall_from_ranks(i2t, t2i, ks)
 
 

@@ -93,7 +93,10 @@ def retrieval_task(
     groups = groups_from_identical_captions(ds.texts, ds.text_to_image, len(ds.images)) if identical_captions_as_hits else None
     rows = []
     for label, mode, subset in variants:
-        m = recall_at_k(images, texts.features, ds.text_to_image, ks, mode, subset, em.branch_names, groups, chunk_size=chunk_size)
+        m = recall_at_k(
+            images, texts.features, ds.text_to_image, ks, mode, subset, em.branch_names, groups,
+            chunk_size=chunk_size, progress=progress,
+        )
         # CLIP_benchmark's names: image retrieval = text query (t2i), text retrieval = image query (i2t)
         m |= {f"image_retrieval_recall@{k}": m[f"t2i_R@{k}"] for k in ks}
         m |= {f"text_retrieval_recall@{k}": m[f"i2t_R@{k}"] for k in ks}
