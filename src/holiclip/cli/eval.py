@@ -40,7 +40,7 @@ def _run(task: str, checkpoint, model, pretrained, device, out, percent: bool = 
     except (DataError, FileNotFoundError, KeyError, ValueError) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2) from None
-    title = f"{result['task']} - {result['dataset']} - {em.name} ({em.pretrained})"
+    title = f"{result['task']} - {result['dataset']} - {em.name} ({em.pretrained})" + (" [%]" if percent else "")
     print_rows(result["rows"], result["columns"], title=title, percent=percent)
     if "text_stats" in result and result["text_stats"]["truncated"]:
         s = result["text_stats"]

@@ -46,13 +46,21 @@ def print_rows(
     console=None,
 ) -> None:
     """One table row per dict; float metrics shown as percentages when ``percent``."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, show_edge=False, pad_edge=False, header_style="bold")
+    cells = [[_cell(row.get(c), percent) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     for i, col in enumerate(columns):
-        # fold rather than ellipsise: the first column (the branch label) must stay readable
-        table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(row.get(c), percent) for c in columns))
-    (console or Console()).print(table)
+        # the branch label keeps its full width; numbers fold only on a too-narrow terminal
+        table.add_column(col, justify="left" if i == 0 else "right", min_width=widths[0] if i == 0 else None,
+                         no_wrap=i == 0, overflow="fold")
+    for r in cells:
+        table.add_row(*r)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a pipe or file has no width to respect
+            console = Console(width=max(console.width, sum(widths) + 3 * len(widths)))
+    console.print(table)
