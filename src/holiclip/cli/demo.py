@@ -14,6 +14,7 @@ def app(
     data: Optional[str] = typer.Option(None, "--data", help="Emoji dataset folder (built if missing)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of training steps."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Override the number of seeds."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Runs side by side (default: 2 on 2+ cores)."),
 ) -> None:
     """CLIP vs O2M vs Holistic CLIP on the built-in emoji benchmark: trains, evaluates, reports."""
     from ..data.emoji.sources import MissingSourcesError
@@ -24,7 +25,7 @@ def app(
     mode = "quick" if quick else "full" if full else "default"
     names = [v.strip() for v in variants.split(",")] if variants else None
     try:
-        run_demo(mode, names, out or ("runs/demo-quick" if quick else "runs/demo"), data, steps, seeds)
+        run_demo(mode, names, out or ("runs/demo-quick" if quick else "runs/demo"), data, steps, seeds, jobs)
     except (MissingSourcesError, ValueError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -1,46 +1,58 @@
 """Cache of a frozen text trunk's outputs, one row per unique text.
 
 With a locked pretrained text tower only the projection trains, so each caption's trunk
-output is computed once (and reused across runs with the same texts and tower).
+output is computed once. The cache file belongs to the text tower (model name + context
+length) and grows: a run computes only the texts it does not find, so runs on the same data
+with different slots (CLIP on ``web``, O2M on all slots) share it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 
-def cache_key(model_name: str, texts: list[str], context_length: int) -> str:
-    h = hashlib.sha256(f"{model_name}|{context_length}".encode())
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:24]
+def cache_path(cache_dir: str | Path, model_name: str, context_length: int) -> Path:
+    key = hashlib.sha256(f"{model_name}|{context_length}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"text_trunk_{key}.safetensors"
+
+
+def _read(path: Path) -> tuple[torch.Tensor | None, list[str]]:
+    if not path.exists():
+        return None, []
+    with safe_open(str(path), framework="pt") as fh:
+        texts = json.loads(fh.metadata()["texts"])
+        return fh.get_tensor("features"), texts
 
 
 @torch.no_grad()
 def build_text_cache(model, tokenizer, texts: list[str], cache_dir: str | Path, device, batch_size: int = 256,
                      progress: bool = True) -> tuple[torch.Tensor, dict[str, int]]:
-    """(N_unique, W) trunk features and text -> row mapping; loads from disk when present."""
-    key = cache_key(model.model_name, texts, model.context_length)
-    path = Path(cache_dir) / f"text_trunk_{key}.safetensors"
-    index = {t: i for i, t in enumerate(texts)}
-    if path.exists():
-        return load_file(str(path))["features"], index
-    was_training = model.training
-    model.eval()
-    rows = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="caching text features", disable=not progress):
-        tokens = tokenizer(texts[start: start + batch_size]).to(device)
-        rows.append(model.text_trunk(tokens).float().cpu())
-    model.train(was_training)
-    features = torch.cat(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"features": features}, str(tmp), metadata={"texts": str(len(texts)), "model": json.dumps(model.model_name)})
-    tmp.replace(path)
+    """(N, W) trunk features covering ``texts`` and the text -> row mapping."""
+    path = cache_path(cache_dir, model.model_name, model.context_length)
+    features, known = _read(path)
+    index = {t: i for i, t in enumerate(known)}
+    missing = [t for t in dict.fromkeys(texts) if t not in index]
+    if missing:
+        was_training = model.training
+        model.eval()
+        rows = []
+        for start in tqdm(range(0, len(missing), batch_size), desc="caching text features", disable=not progress):
+            tokens = tokenizer(missing[start: start + batch_size]).to(device)
+            rows.append(model.text_trunk(tokens).float().cpu())
+        model.train(was_training)
+        new = torch.cat(rows)
+        features = new if features is None else torch.cat([features, new])
+        known = known + missing
+        index = {t: i for i, t in enumerate(known)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent runs never share a temp file
+        save_file({"features": features.contiguous()}, str(tmp), metadata={"texts": json.dumps(known)})
+        tmp.replace(path)
     return features, index
