@@ -113,3 +113,19 @@ def test_torchrun_two_processes_match_one(tmp_path):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_text_cache_grows_and_matches_the_trunk(tmp_path):
+    from holiclip.models.registry import create_model, get_tokenizer
+    from holiclip.training.text_cache import build_text_cache, cache_path
+
+    model = create_model("holi-small-minilm", branches=["global"], lock_text=True).eval()
+    tok = get_tokenizer("holi-small-minilm")
+    first, idx1 = build_text_cache(model, tok, ["a red apple", "a dog"], tmp_path, "cpu", progress=False)
+    more, idx2 = build_text_cache(model, tok, ["a dog", "two cats on a mat"], tmp_path, "cpu", progress=False)
+    assert first.shape[0] == 2 and more.shape[0] == 3  # only the new text was added
+    assert idx2["a red apple"] == idx1["a red apple"]
+    with torch.no_grad():
+        want = model.text_trunk(tok(["two cats on a mat", "a red apple"]))
+    torch.testing.assert_close(more[[idx2["two cats on a mat"], idx2["a red apple"]]], want, rtol=1e-4, atol=1e-5)
+    assert cache_path(tmp_path, model.model_name, model.context_length).exists()

@@ -78,10 +78,22 @@ class HolisticCLIP(nn.Module):
         x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def _is_hf_text(self) -> bool:
+        return hasattr(self.clip, "text") and hasattr(self.clip.text, "pooler")
+
+    def _trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Drops trailing all-padding columns for HF towers: their attention and pooling mask
+        padding, so outputs are unchanged while short texts stop paying for the full context."""
+        if not self._is_hf_text() or tokens.numel() == 0:
+            return tokens
+        real = (tokens != self.clip.text.config.pad_token_id).any(dim=0).nonzero()
+        return tokens[:, : int(real.max()) + 1] if real.numel() else tokens[:, :1]
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(N, L) -> (N, D); (B, M, L) -> (B, M, D)."""
         lead = tokens.shape[:-1]
-        x = self.clip.encode_text(tokens.reshape(-1, tokens.shape[-1]), normalize=normalize)
+        flat = self._trim_padding(tokens.reshape(-1, tokens.shape[-1]))
+        x = self.clip.encode_text(flat, normalize=normalize)
         return x.reshape(*lead, x.shape[-1])
 
     def encode_image_fused(self, images, mode: str = "mean", branches=None) -> torch.Tensor:
@@ -99,8 +111,9 @@ class HolisticCLIP(nn.Module):
     # -- text trunk / head split (lets a trainer cache a frozen trunk's outputs) ------------
     def text_trunk(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text features before the final projection, (N, W)."""
-        if hasattr(self.clip, "text") and hasattr(self.clip.text, "pooler"):  # HF tower
+        if self._is_hf_text():
             text = self.clip.text
+            tokens = self._trim_padding(tokens)
             mask = (tokens != text.config.pad_token_id).long()
             return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
         raise NotImplementedError("text_trunk is available for Hugging Face text towers")
@@ -110,7 +123,7 @@ class HolisticCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def text_trunk_frozen(self) -> bool:
-        if not (hasattr(self.clip, "text") and hasattr(self.clip.text, "pooler")):
+        if not self._is_hf_text():
             return False
         trunk = list(self.clip.text.transformer.parameters()) + list(self.clip.text.pooler.parameters())
         return not any(p.requires_grad for p in trunk)

@@ -40,6 +40,9 @@ def build_text_cache(model, tokenizer, texts: list[str], cache_dir: str | Path, 
     index = {t: i for i, t in enumerate(known)}
     missing = [t for t in dict.fromkeys(texts) if t not in index]
     if missing:
+        # batches of similar length: padding is trimmed per batch, so sorting saves most compute
+        lengths = (tokenizer(missing) != getattr(model.clip.text.config, "pad_token_id", 0)).sum(1).tolist()
+        missing = [t for _, t in sorted(zip(lengths, missing), key=lambda p: p[0])]
         was_training = model.training
         model.eval()
         rows = []
