@@ -21,10 +21,15 @@ MAX_SUBSTITUTIONS = 16
 
 
 def open_image(source) -> Image.Image:
-    """A path or raw bytes -> RGB PIL image (raises OSError/UnidentifiedImageError if unreadable)."""
+    """A path, raw bytes or a PIL image -> an RGB PIL image (OSError if unreadable)."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    with Image.open(handle) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(handle) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {source}") from None
 
 
 @dataclass
@@ -130,12 +135,16 @@ def tensor_transform(image_size: int, mean: Sequence[float], std: Sequence[float
 
 
 def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
-    """Untruncated token counts (incl. special tokens) for open_clip's tokenizers."""
-    if hasattr(tokenizer, "encoder") and hasattr(tokenizer, "encode"):  # SimpleTokenizer
+    """Tokens each text needs including start/end tokens, before any truncation."""
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # open_clip SimpleTokenizer
         return [len(tokenizer.encode(t)) + 2 for t in texts]
-    if hasattr(tokenizer, "tokenizer"):  # HFTokenizer
-        return [len(ids) for ids in tokenizer.tokenizer(list(texts))["input_ids"]]
-    raise TypeError(f"cannot count tokens for {type(tokenizer).__name__}")
+    hf = getattr(tokenizer, "tokenizer", None)  # open_clip HFTokenizer wraps a transformers tokenizer
+    if hf is not None:
+        return [len(ids) for ids in hf(list(texts), truncation=False)["input_ids"]]
+    # unknown tokenizer: a text that fills the whole context is taken as truncated
+    tokens = tokenizer(list(texts))
+    filled = (tokens != 0).sum(1)
+    return [int(n) + (1 if n >= tokens.shape[1] else 0) for n in filled]
 
 
 class Collate:

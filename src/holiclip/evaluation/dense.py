@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data.records import DataError
 from ..models.fusion import fuse
-from .features import open_image
+from ..data.loader import open_image
 
 IGNORE_INDEX = 255
 

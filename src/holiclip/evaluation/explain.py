@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import dense_transform
-from .features import open_image
+from ..data.loader import open_image
 
 
 @torch.no_grad()

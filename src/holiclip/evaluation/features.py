@@ -6,7 +6,6 @@ and renormalised (a sentence that is itself too long is still truncated and coun
 """
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -16,21 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.loader import open_image, token_lengths
+
 LONG_TEXT_MODES = ("truncate", "split")
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
-
-
-def open_image(image) -> Image.Image:
-    """A path, raw bytes or a PIL image -> an RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {image}") from None
 
 
 class _ImageList(torch.utils.data.Dataset):
@@ -62,19 +50,6 @@ def encode_images(
     if not out:
         raise ValueError("no images to encode")
     return torch.cat(out)
-
-
-def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
-    """Tokens each text needs including start/end tokens, before any truncation."""
-    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # open_clip SimpleTokenizer
-        return [len(tokenizer.encode(t)) + 2 for t in texts]
-    hf = getattr(tokenizer, "tokenizer", None)  # open_clip HFTokenizer wraps a transformers tokenizer
-    if hf is not None:
-        return [len(ids) for ids in hf(list(texts), truncation=False)["input_ids"]]
-    # unknown tokenizer: a text that fills the whole context is taken as truncated
-    tokens = tokenizer(list(texts))
-    filled = (tokens != 0).sum(1)
-    return [int(n) + (1 if n >= tokens.shape[1] else 0) for n in filled]
 
 
 def split_sentences(text: str) -> list[str]:
