@@ -111,3 +111,11 @@ def test_mean_ranking_differs_from_mean_logits_only_by_image_norm(feats):
     raw = feats.mean(1).norm(dim=-1)
     torch.testing.assert_close(fuse(feats, "mean") * raw[:, None], fuse(feats, "mean-logits"))
     assert torch.allclose(norms, torch.ones_like(norms)) and raw.std() > 0
+
+
+def test_integer_like_branch_indices():
+    import numpy as np
+
+    x = unit(3, 4, 8)
+    for idx in (np.int64(2), torch.tensor(2)):
+        torch.testing.assert_close(fuse(x, "mean-logits", branches=[idx]), x[:, 2])

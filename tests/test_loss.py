@@ -242,14 +242,14 @@ def test_batch_mismatch_raises():
         M2MLoss()(unit(4, 2, 8), unit(5, 2, 8), torch.tensor(10.0))
 
 
-def test_feature_dim_mismatch_raises():
-    with pytest.raises(RuntimeError):
-        M2MLoss()(unit(4, 2, 8), unit(4, 2, 16), torch.tensor(10.0))
-
-
 def test_scale_is_applied():
     image, text = unit(16, 2, 8, seed=30), unit(16, 2, 8, seed=31)
     low = M2MLoss()(image, text, torch.tensor(1.0, dtype=torch.float64))
     # with scale 1 on unit vectors the loss stays near log(B)
     assert abs(low.item() - math.log(16)) < 0.5
     assert not torch.allclose(low, M2MLoss()(image, text, torch.tensor(50.0, dtype=torch.float64)))
+
+
+def test_embedding_size_mismatch_is_named():
+    with pytest.raises(ValueError, match="embedding sizes differ"):
+        M2MLoss()(unit(4, 2, 8), unit(4, 2, 16), 10.0)

@@ -493,3 +493,13 @@ def test_import_holiclip_then_torchvision_and_open_clip():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Resize" in result.stdout
+
+
+def test_locked_hf_text_trunk_stays_in_eval_mode():
+    model = holiclip.create_model("holi-small-minilm", branches=("a",), lock_text=True, pretrained_text=False)
+    model.train()
+    assert model.training and model.visual.training
+    assert not model.clip.text.transformer.training  # no dropout on frozen features
+    tok = holiclip.get_tokenizer("holi-small-minilm")
+    t = tok(["a red apple on a table"])
+    torch.testing.assert_close(model.encode_text(t), model.encode_text(t))

@@ -119,6 +119,10 @@ class M2MLoss(nn.Module):
             image_features = image_features.unsqueeze(1)
         if text_features.dim() == 2:
             text_features = text_features.unsqueeze(1)
+        if image_features.shape[-1] != text_features.shape[-1]:
+            raise ValueError(
+                f"embedding sizes differ: image {tuple(image_features.shape)} vs text {tuple(text_features.shape)}"
+            )
         if image_features.shape[0] != text_features.shape[0]:
             raise ValueError(
                 f"batch sizes differ: image {tuple(image_features.shape)} vs text {tuple(text_features.shape)}"

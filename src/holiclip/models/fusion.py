@@ -21,6 +21,8 @@ def select_branches(
         branches = [branches]
     index = []
     for b in branches:
+        if not isinstance(b, str) and hasattr(b, "__index__"):  # int, numpy / torch integers
+            b = b.__index__()
         if isinstance(b, int):
             if not -image_features.shape[1] <= b < image_features.shape[1]:
                 raise IndexError(f"branch index {b} out of range for H={image_features.shape[1]}")

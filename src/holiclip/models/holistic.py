@@ -72,6 +72,15 @@ class HolisticCLIP(nn.Module):
 
     def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
         self.clip.lock_text_tower(unlocked_layers, freeze_layer_norm)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """A frozen HF text trunk stays in eval mode: no dropout on features that never train
+        (and the same features a cached trunk gives)."""
+        super().train(mode)
+        if mode and self.text_trunk_frozen():
+            self.clip.text.transformer.eval()
+        return self
 
     # -- encoders --------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
