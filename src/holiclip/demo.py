@@ -95,7 +95,7 @@ def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, 
     cfg = load_config(None, train_overrides(mode, variant, data, run_dir, seed, cache_dir))
     done = run_dir / "model" / "holiclip_config.json"
     train_s = None
-    if done.exists() and json.loads(done.read_text()).get("train_config") == cfg.to_dict():
+    if done.exists() and _same_run(json.loads(done.read_text()).get("train_config"), cfg.to_dict()):
         log(f"[{variant.name} seed {seed}] finished run found in {run_dir}: reusing it")
     else:
         log(f"[{variant.name} seed {seed}] training {mode.steps} steps x {mode.batch_size} images")
@@ -103,13 +103,25 @@ def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, 
         train(cfg, resume="latest")
         train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = load_model(run_dir / "model")
-    metrics = evaluate_emoji(model, data, slots=SLOTS, limit=mode.eval_limit)
+    eval_file = run_dir / "eval.json"
+    if train_s is None and eval_file.exists():  # same finished run: its evaluation stands
+        metrics = json.loads(eval_file.read_text())
+    else:
+        model = load_model(run_dir / "model")
+        metrics = evaluate_emoji(model, data, slots=SLOTS, limit=mode.eval_limit)
+        write_json(eval_file, metrics)
     eval_s = time.perf_counter() - t0
     curve = [{"step": m["step"], "loss": m["loss"]} for m in read_metrics(run_dir)]
-    write_json(run_dir / "eval.json", metrics)
     return {"metrics": metrics, "train_seconds": train_s, "eval_seconds": eval_s, "curve": curve,
             "run_dir": str(run_dir)}
+
+
+def _same_run(saved: dict | None, wanted: dict) -> bool:
+    """Same training, wherever the run folder was (a copied run is reused)."""
+    def strip(c):
+        return {**c, "run": {k: v for k, v in c["run"].items() if k != "out"}}
+
+    return saved is not None and strip(saved) == strip(wanted)
 
 
 def _variant_job(args: tuple) -> tuple[str, int, dict]:
