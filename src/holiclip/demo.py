@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .data.emoji import build as emoji
-from .demo_report import write_report
+from .demo_report import HEADLINE, write_report  # noqa: F401  (HEADLINE: the report's metric keys)
 from .evaluation.emoji_bench import evaluate_emoji
 from .evaluation.report import write_json
 from .models.registry import load_model
@@ -30,9 +30,6 @@ from .training.config import load_config
 from .training.trainer import read_metrics, train
 
 SLOTS = ["web", "detail", "nouns", "background", "main"]
-PAPER_ORDER = ["clip", "o2m", "holistic_cls"]
-HEADLINE = ["short_i2t_r1", "short_t2i_r1", "long_i2t_r1", "long_t2i_r1", "zeroshot_main_top1",
-            "zeroshot_background_top1", "zeroshot_heldout_style_top1", "dense_miou"]
 
 
 @dataclass(frozen=True)
