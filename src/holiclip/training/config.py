@@ -35,11 +35,14 @@ class DataCfg:
     workers: int = 0
     cache_images: bool = False  # decode all images once (small datasets)
     text_cache: str = "auto"  # auto | off: cache a frozen text trunk's outputs per unique text
+    augment: bool = True  # open_clip's training transform (RandomResizedCrop, scale 0.9-1.0), as the research code
+    max_image_pixels: int = 89_478_485  # larger images are skipped and counted (PIL's own bomb limit)
 
 
 @dataclass
 class LossCfg:
     fused_weight: float = 0.0  # ours: hybrid with O2M on the fused embedding
+    free_matching: str = "paired"  # paired | research: text-to-image logits of free-matched slots
     diversity_margin: float | None = None  # research-code regulariser (e.g. 0.7)
     diversity_weight: float = 1.0
     local_loss: bool = True
