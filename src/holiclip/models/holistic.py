@@ -131,6 +131,14 @@ class HolisticCLIP(nn.Module):
         x = self.clip.text.proj(trunk_features)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def text_trunk_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights :meth:`text_trunk` depends on (a cache of its outputs is keyed by them)."""
+        if not self._is_hf_text():
+            raise NotImplementedError("text_trunk is available for Hugging Face text towers")
+        text = self.clip.text
+        return {**{f"transformer.{k}": v for k, v in text.transformer.state_dict().items()},
+                **{f"pooler.{k}": v for k, v in text.pooler.state_dict().items()}}
+
     def text_trunk_frozen(self) -> bool:
         if not self._is_hf_text():
             return False
