@@ -503,3 +503,24 @@ def test_locked_hf_text_trunk_stays_in_eval_mode():
     tok = holiclip.get_tokenizer("holi-small-minilm")
     t = tok(["a red apple on a table"])
     torch.testing.assert_close(model.encode_text(t), model.encode_text(t))
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_from_scratch_branches_start_from_their_own_draws(encoder):
+    """As the research code: the branches differ before the first step (pretrained copy-in stays copies)."""
+    torch.manual_seed(0)
+    model = holiclip.create_model("holi-tiny", encoder, ["a", "b", "c"]).eval()
+    visual = model.visual
+    if encoder == "cls":
+        emb, pos = visual.class_embedding, visual.positional_embedding
+        for h in range(1, 3):
+            assert not torch.allclose(emb[h], emb[0]) and not torch.allclose(pos[h], pos[0])
+        scale = emb.shape[-1] ** -0.5  # open_clip's init scale for each draw
+        assert 0.5 * scale < emb[1:].std().item() < 1.5 * scale
+    else:
+        for blk in visual.transformer.resblocks[visual.fork_at:]:
+            w = blk.mlp.c_proj.weight
+            assert not torch.allclose(w[1], w[0]) and not torch.allclose(w[2], w[1])
+    with torch.no_grad():
+        v = model.encode_image(images_for(model))
+    assert (v[:, 0] - v[:, 1]).abs().max() > 1e-3 and (v[:, 1] - v[:, 2]).abs().max() > 1e-3

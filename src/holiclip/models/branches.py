@@ -113,9 +113,28 @@ class MultiBranchViT(nn.Module):
                 blk.mlp.c_proj = BranchLinear.from_linear(blk.mlp.c_proj, num_branches)
         self._mask_cache: dict = {}
 
+    @torch.no_grad()
+    def init_branches(self) -> None:
+        """From scratch, each branch starts from its own random draw, as in the research code, so
+        the branches differ before the first step: class tokens and their positional rows from
+        open_clip's N(0, width^-1/2), Psi_MLP's replicated ``c_proj`` from nn.Linear's default
+        init. Branch 0 keeps the tower's own draw (H = 1 stays open_clip's model).
+        Pretrained weights are copied into every branch instead (see the constructor)."""
+        width = self.class_embedding.shape[-1]
+        scale = width ** -0.5
+        self.class_embedding[1:].normal_(0.0, scale)
+        if self.positional_embedding.requires_grad:  # a fixed sin-cos table stays as it is
+            self.positional_embedding[1: self.num_prefix].normal_(0.0, scale)
+        for blk in self.transformer.resblocks[self.fork_at:]:
+            layer = blk.mlp.c_proj
+            for h in range(1, self.num_branches):
+                fresh = nn.Linear(layer.weight.shape[2], layer.weight.shape[1])
+                layer.weight[h].copy_(fresh.weight)
+                layer.bias[h].copy_(fresh.bias)
+
     # -- helpers ---------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        return {"class_embedding", "positional_embedding"}
+        return {"class_embedding"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable

@@ -57,11 +57,8 @@ class HolisticCLIP(nn.Module):
         return self.visual.image_size
 
     def no_weight_decay(self) -> set[str]:
-        names = {"clip.logit_scale"}
-        names |= {f"clip.visual.{n}" for n in self.visual.no_weight_decay()}
-        if hasattr(self.clip, "positional_embedding"):
-            names.add("clip.positional_embedding")
-        return names
+        """Exempt from weight decay beyond open_clip's rule (1-D, norms, biases): the class tokens."""
+        return {"clip.logit_scale"} | {f"clip.visual.{n}" for n in self.visual.no_weight_decay()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)

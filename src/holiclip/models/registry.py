@@ -95,6 +95,7 @@ def create_model(
     pretrained: an open_clip tag (e.g. ``"laion2b_s34b_b79k"``), a local ``.safetensors`` /
     ``.pt`` file (open_clip or holiclip state dict), or None. A plain CLIP's class token and
     positional row are copied into all H branches; Psi_MLP's replicated layers start as copies.
+    From scratch (None), each branch starts from its own random draw.
     """
     cfg = get_model_config(name)
     holistic = cfg.get("holistic", {})
@@ -109,6 +110,8 @@ def create_model(
     model = HolisticCLIP(clip, branches, encoder=encoder, mlp_layers=mlp_layers, model_name=name)
     if pretrained and state is not None:
         load_holistic_state(model, state)
+    elif not pretrained:
+        model.visual.init_branches()
     if lock_text:
         model.lock_text_tower()
     return model.to(device)

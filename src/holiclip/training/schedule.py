@@ -7,13 +7,15 @@ import torch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on 1-D parameters (norms, biases), class tokens, positional rows, logit scale."""
+    """open_clip's rule: no weight decay on 1-D parameters, norms, biases and the logit scale; the
+    positional embeddings are decayed. Also exempt: what the model lists in ``no_weight_decay``
+    (the class tokens: open_clip's single class token is 1-D, ours are (H, W))."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name in skip or "logit_scale" in name or name.endswith("class_embedding"):
+        if p.ndim < 2 or name in skip or any(key in name for key in ("bn", "ln", "bias", "logit_scale")):
             no_decay.append(p)
         else:
             decay.append(p)
