@@ -68,16 +68,25 @@ class MultiTextDataset(Dataset):
     """Item i -> {"image": (3, S, S) float tensor, "texts": [M strings], "index": i, "bad": [...]}.
 
     ``cache_images`` decodes every image once into a uint8 tensor (small images, e.g. the
-    built-in benchmark), so an epoch costs no decoding at all.
+    built-in benchmark), resized and centre-cropped as evaluation does, so an epoch costs no
+    decoding at all; ``transform`` then gets a float tensor in [0, 1] (see :func:`tensor_transform`).
+
+    Random augmentation draws from a generator seeded by (seed, epoch, sample), so a sample's
+    crop does not depend on worker count, batch order or a resume.
     """
 
     def __init__(self, manifest: LoadedManifest, transform: Callable, cache_images: bool = False,
-                 image_size: int | None = None):
+                 image_size: int | None = None, seed: int = 0):
         self.manifest = manifest
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
         self.cache = None
         if cache_images:
             self.cache = self._decode_all(image_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.manifest.images)
@@ -90,7 +99,7 @@ class MultiTextDataset(Dataset):
             try:
                 im = open_image(src)
                 if image_size and im.size != (image_size, image_size):
-                    im = im.resize((image_size, image_size), Image.BICUBIC)
+                    im = resize_center_crop(im, image_size)
                 arrays.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3))
             except (OSError, UnidentifiedImageError, ValueError):
                 arrays.append(None)
@@ -103,9 +112,12 @@ class MultiTextDataset(Dataset):
         if self.cache is not None:
             if i in self.cache_bad:
                 raise OSError("unreadable image")
-            x = self.cache[i].permute(2, 0, 1).float().div_(255.0)
-            return self.transform(x)
-        return self.transform(open_image(self.manifest.images[i]))
+            image = self.cache[i].permute(2, 0, 1).float().div_(255.0)
+        else:
+            image = open_image(self.manifest.images[i])
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left untouched
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(image)
 
     def __getitem__(self, index: int) -> dict:
         bad = []
@@ -121,14 +133,29 @@ class MultiTextDataset(Dataset):
         raise DataError(f"{MAX_SUBSTITUTIONS} unreadable images in a row near {self.manifest.where[index]}: {bad[:3]}")
 
 
-def tensor_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Normalisation for cached uint8 tensors already at the model's resolution."""
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """open_clip's evaluation resize (shortest side to ``size``, bicubic, then a centre crop)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    return TF.center_crop(TF.resize(image, size, interpolation=InterpolationMode.BICUBIC), size)
+
+
+def tensor_transform(image_size: int, mean: Sequence[float], std: Sequence[float], augment: bool = False,
+                     scale: tuple[float, float] = (0.9, 1.0)) -> Callable:
+    """For cached float images already at the model's resolution: open_clip's training crop
+    (RandomResizedCrop, ``scale``, bicubic) when ``augment``, then normalisation."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
     mean_t = torch.tensor(mean).view(3, 1, 1)
     std_t = torch.tensor(std).view(3, 1, 1)
+    crop = RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != image_size:
-            x = torch.nn.functional.interpolate(x[None], size=(image_size, image_size), mode="bicubic")[0]
+        if augment:
+            x = crop(x).clamp_(0.0, 1.0)  # bicubic overshoots; PIL's clips to [0, 255]
+        elif x.shape[-1] != image_size or x.shape[-2] != image_size:
+            raise ValueError(f"cached image is {tuple(x.shape[-2:])}, expected {image_size}x{image_size}")
         return (x - mean_t) / std_t
 
     return apply

@@ -83,11 +83,14 @@ class Trainer:
             cfg.data.train, cfg.data.slots, cfg.data.missing_slot_policy, cfg.data.list_slots, cfg.data.on_bad_row
         )
         size = self.model.image_size[0] if isinstance(self.model.image_size, tuple) else self.model.image_size
+        # open_clip's training transform (RandomResizedCrop, scale 0.9-1.0) as the research code, unless
+        # data.augment=false; the cached path crops the same way from evaluation-resized images
         transform = (
-            tensor_transform(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
-            if cfg.data.cache_images else get_transforms(self.model, is_train=False)
+            tensor_transform(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, augment=cfg.data.augment)
+            if cfg.data.cache_images else get_transforms(self.model, is_train=cfg.data.augment)
         )
-        self.dataset = MultiTextDataset(self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size)
+        self.dataset = MultiTextDataset(self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size,
+                                        seed=cfg.run.seed)
         self.text_features = None
         text_index = None
         if cfg.data.text_cache == "auto" and self.model.text_trunk_frozen():
@@ -147,6 +150,7 @@ class Trainer:
     def _batches(self):
         while True:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            self.dataset.set_epoch(self.epoch)
             loader = DataLoader(
                 self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
                 num_workers=self.cfg.data.workers, persistent_workers=False,
@@ -176,9 +180,9 @@ class Trainer:
                 out = self.net(images=images, text_trunk_features=self.text_features[ids])
             else:
                 out = self.net(images=images, texts=batch["texts"].to(self.device))
-            losses = self.loss_fn(out["image_features"].float(), out["text_features"].float(),
-                                  out["logit_scale"].float(), output_dict=True)
-        return losses
+        # the loss in fp32 outside autocast: bf16 logits (8-bit mantissa) blur the softmax over the batch
+        return self.loss_fn(out["image_features"].float(), out["text_features"].float(),
+                            out["logit_scale"].float(), output_dict=True)
 
     def train(self) -> dict:
         cfg = self.cfg
