@@ -31,11 +31,16 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 WORLD = 2
 BATCH = 12  # global
 COMBOS = [(False, False), (False, True), (True, False), (True, True)]
-# (branches, slots, fused_weight, diversity_margin): one-to-one, free matching, hybrid, H > M,
-# and the diversity term (computed per rank on local rows; with an always-active hinge its rank
-# average is the full-batch value, so it must match too)
-SETTINGS = [(3, 3, 0.0, None), (2, 4, 0.0, None), (3, 3, 0.4, None), (4, 2, 0.0, None), (3, 3, 0.2, -1.0)]
-PLAIN = SETTINGS[:4]
+# (branches, slots, fused_weight, diversity_margin, free_matching): one-to-one, free matching
+# (H < M and H > M, both modes), hybrid, and the diversity term (computed per rank on local
+# rows; with an always-active hinge its rank average is the full-batch value, so it must match too)
+SETTINGS = [
+    (3, 3, 0.0, None, "paired"), (2, 4, 0.0, None, "paired"), (3, 3, 0.4, None, "paired"),
+    (4, 2, 0.0, None, "paired"), (3, 3, 0.2, -1.0, "paired"),
+    (2, 4, 0.0, None, "research"), (4, 2, 0.0, None, "research"), (4, 2, 0.4, -1.0, "research"),
+]
+PLAIN = [s for s in SETTINGS if s[3] is None]
+RESEARCH = [s for s in SETTINGS if s[4] == "research"]
 
 
 def _free_port() -> int:
@@ -60,7 +65,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         half = BATCH // WORLD
         rows = slice(rank * half, (rank + 1) * half)
         for setting in SETTINGS:
-            branches, slots, fused, margin = setting
+            branches, slots, fused, margin, mode = setting
             image, text, scale = _inputs(branches, slots)
             for local_loss, with_grad in COMBOS:
                 img = image[rows].clone().requires_grad_(True)
@@ -68,7 +73,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 s = scale.clone().requires_grad_(True)
                 loss_fn = M2MLoss(
                     local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD,
-                    fused_weight=fused, diversity_margin=margin,
+                    fused_weight=fused, diversity_margin=margin, free_matching=mode,
                 )
                 loss = loss_fn(img, txt, s)
                 loss.backward()
@@ -83,16 +88,22 @@ def distributed_results():
     with tempfile.TemporaryDirectory() as out_dir:
         # fork: the workers inherit the imported modules (spawn would re-import open_clip: ~5 s each)
         mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True, start_method="fork")
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
-def _single(setting):
-    branches, slots, fused, margin = setting
+def _single(setting, mode=None):
+    branches, slots, fused, margin, setting_mode = setting
     image, text, scale = _inputs(branches, slots)
     image, text, scale = (t.clone().requires_grad_(True) for t in (image, text, scale))
-    loss = M2MLoss(fused_weight=fused, diversity_margin=margin)(image, text, scale)
+    loss_fn = M2MLoss(fused_weight=fused, diversity_margin=margin, free_matching=mode or setting_mode)
+    loss = loss_fn(image, text, scale)
     loss.backward()
     return loss.detach(), image.grad, text.grad, scale.grad
+
+
+def _name(setting):
+    branches, slots, fused, margin, mode = setting
+    return f"H{branches}M{slots}w{fused}d{margin}-{mode}"
 
 
 def _ddp_view(results, key):
@@ -104,7 +115,7 @@ def _ddp_view(results, key):
     return loss, image_grad, text_grad, scale_grad
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"H{s[0]}M{s[1]}w{s[2]}d{s[3]}")
+@pytest.mark.parametrize("setting", SETTINGS, ids=_name)
 @pytest.mark.parametrize("local_loss,with_grad", [(False, True), (True, True)])
 def test_gather_with_grad_matches_single_process(distributed_results, setting, local_loss, with_grad):
     ours = _ddp_view(distributed_results, (setting, local_loss, with_grad))
@@ -112,7 +123,7 @@ def test_gather_with_grad_matches_single_process(distributed_results, setting, l
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("setting", PLAIN, ids=lambda s: f"H{s[0]}M{s[1]}w{s[2]}d{s[3]}")
+@pytest.mark.parametrize("setting", PLAIN, ids=_name)
 def test_no_grad_gather_global_loss_is_w_times_too_small(distributed_results, setting):
     """local_loss=False, gather_with_grad=False: right loss, gradients 1/W of the full batch's."""
     loss, image_grad, text_grad, _ = _ddp_view(distributed_results, (setting, False, False))
@@ -122,10 +133,18 @@ def test_no_grad_gather_global_loss_is_w_times_too_small(distributed_results, se
     torch.testing.assert_close(text_grad * WORLD, full[2], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("setting", PLAIN, ids=lambda s: f"H{s[0]}M{s[1]}w{s[2]}d{s[3]}")
+@pytest.mark.parametrize("setting", PLAIN, ids=_name)
 def test_local_loss_without_grad_gather_loses_gradient(distributed_results, setting):
     """local_loss=True, gather_with_grad=False: right loss value, wrong gradients (documented)."""
     loss, image_grad, _, _ = _ddp_view(distributed_results, (setting, True, False))
     full = _single(setting)
     torch.testing.assert_close(loss, full[0], rtol=1e-9, atol=1e-12)
     assert not torch.allclose(image_grad, full[1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", RESEARCH, ids=_name)
+def test_research_settings_differ_from_paired(setting):
+    """The research-mode 2-rank checks above are not the paired loss under another name."""
+    research, paired = _single(setting), _single(setting, mode="paired")
+    assert not torch.allclose(research[0], paired[0])
+    assert not torch.allclose(research[1], paired[1])

@@ -23,21 +23,38 @@ def ref_clip(image: torch.Tensor, text: torch.Tensor, scale) -> torch.Tensor:
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def ref_paired_image(image: torch.Tensor, text: torch.Tensor, m: int) -> torch.Tensor:
-    """Image embedding that trains slot m: branch m, or per sample the argmax branch."""
-    num_branches = image.shape[1]
-    if m < num_branches:
-        return image[:, m]
-    rows = []
+def ref_choice(image: torch.Tensor, text: torch.Tensor, m: int) -> list[int]:
+    """Branch that trains slot m, per sample: by index when H <= M and m < H, else the argmax."""
+    num_branches, num_slots = image.shape[1], text.shape[1]
+    if num_branches <= num_slots and m < num_branches:
+        return [m] * image.shape[0]
+    choices = []
     for b in range(image.shape[0]):
         sims = [float(image[b, h].detach() @ text[b, m].detach()) for h in range(num_branches)]
-        rows.append(image[b, max(range(num_branches), key=sims.__getitem__)])
-    return torch.stack(rows)
+        choices.append(max(range(num_branches), key=sims.__getitem__))
+    return choices
 
 
-def ref_m2m(image: torch.Tensor, text: torch.Tensor, scale) -> torch.Tensor:
-    num_slots = text.shape[1]
-    return sum(ref_clip(ref_paired_image(image, text, m), text[:, m], scale) for m in range(num_slots)) / num_slots
+def ref_cross_entropy(logits: torch.Tensor, label: int) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=0) - logits[label]
+
+
+def ref_m2m(image: torch.Tensor, text: torch.Tensor, scale, mode: str = "paired") -> torch.Tensor:
+    """One slot at a time, one query sample at a time."""
+    batch, num_slots = image.shape[0], text.shape[1]
+    total = 0.0
+    for m in range(num_slots):
+        h = ref_choice(image, text, m)
+        image_to_text = sum(ref_cross_entropy(scale * text[:, m] @ image[b, h[b]], b) for b in range(batch))
+        text_to_image = 0.0
+        for j in range(batch):
+            if mode == "paired":  # image k is its own chosen branch h[k]
+                candidates = torch.stack([image[k, h[k]] for k in range(batch)])
+            else:  # research: every image k on the branch chosen for the query's own image j
+                candidates = image[:, h[j]]
+            text_to_image = text_to_image + ref_cross_entropy(scale * candidates @ text[j, m], j)
+        total = total + (image_to_text + text_to_image) / (2 * batch)
+    return total / num_slots
 
 
 def ref_o2m_fused(image: torch.Tensor, text: torch.Tensor, scale) -> torch.Tensor:
@@ -80,20 +97,51 @@ def test_single_branch_equals_open_clip(seed, batch, scale):
 
 
 # -- H = M (one InfoNCE per slot) and H != M (free matching) against the reference loop -----
+@pytest.mark.parametrize("mode", ["paired", "research"])
 @pytest.mark.parametrize(
     "batch,branches,slots,scale",
     [
         (16, 5, 5, 20.0), (9, 3, 3, 100.0), (32, 2, 2, 14.3),  # one-to-one
-        (24, 2, 5, 25.0), (24, 1, 5, 25.0), (24, 3, 4, 60.0),  # free matching; H = 1 is O2M
+        (24, 2, 5, 25.0), (24, 1, 5, 25.0), (24, 3, 4, 60.0),  # H < M; H = 1 is O2M
+        (24, 5, 3, 25.0), (16, 4, 1, 40.0), (20, 3, 2, 100.0),  # H > M: every slot free-matched
     ],
 )
-def test_m2m_equals_reference_loop(batch, branches, slots, scale):
+def test_m2m_equals_reference_loop(batch, branches, slots, scale, mode):
     image, text = unit(batch, branches, 32, seed=batch + slots), unit(batch, slots, 32, seed=batch + 1)
     scale = torch.tensor(scale, dtype=torch.float64)
-    ours = grads_of(M2MLoss(), image, text, scale)
-    ref = grads_of(ref_m2m, image, text, scale)
+    ours = grads_of(M2MLoss(free_matching=mode), image, text, scale)
+    ref = grads_of(lambda i, t, s: ref_m2m(i, t, s, mode), image, text, scale)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("branches,slots", [(2, 5), (5, 3), (4, 1)])
+def test_research_differs_from_paired_when_choices_differ(branches, slots):
+    image, text = unit(24, branches, 16, seed=40), unit(24, slots, 16, seed=41)
+    scale = torch.tensor(30.0, dtype=torch.float64)
+    # some free-matched slot really has different choices across the batch
+    assert any(len(set(ref_choice(image, text, m))) > 1 for m in range(slots))
+    paired = grads_of(M2MLoss(free_matching="paired"), image, text, scale)
+    research = grads_of(M2MLoss(free_matching="research"), image, text, scale)
+    assert not torch.allclose(paired[0], research[0])
+    assert not torch.allclose(paired[1], research[1])
+
+
+@pytest.mark.parametrize("branches,slots", [(3, 3), (1, 4), (1, 1)])
+def test_research_equals_paired_without_a_choice(branches, slots):
+    """One-to-one (by index) and one branch: every query's branch is fixed, so the modes agree."""
+    image, text = unit(16, branches, 16, seed=42), unit(16, slots, 16, seed=43)
+    scale = torch.tensor(30.0, dtype=torch.float64)
+    paired = grads_of(M2MLoss(free_matching="paired"), image, text, scale)
+    research = grads_of(M2MLoss(free_matching="research"), image, text, scale)
+    for a, b in zip(paired, research):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["Paired", "", "greedy", None])
+def test_free_matching_is_validated(mode):
+    with pytest.raises(ValueError, match="free_matching must be one of 'paired', 'research'"):
+        M2MLoss(free_matching=mode)
 
 
 def test_one_to_one_is_not_slot_agnostic():
@@ -125,13 +173,23 @@ def test_o2m_uses_its_only_branch_for_every_slot():
     torch.testing.assert_close(M2MLoss()(image, text, scale), expected)
 
 
-def test_more_branches_than_slots_ignores_extra_branches():
-    image, text = leaves(unit(10, 5, 16, seed=13), unit(10, 3, 16, seed=14))
+@pytest.mark.parametrize("mode", ["paired", "research"])
+def test_more_branches_than_slots_trains_every_branch(mode):
+    """H > M: slots are free-matched over all H branches, so no branch is left without gradient."""
+    image, text = leaves(unit(16, 5, 16, seed=13), unit(16, 3, 16, seed=14))
     scale = torch.tensor(10.0, dtype=torch.float64)
-    loss = M2MLoss()(image, text, scale)
-    loss.backward()
-    torch.testing.assert_close(loss, ref_m2m(image[:, :3], text, scale))
-    assert image.grad[:, 3:].abs().max() == 0 and image.grad[:, :3].abs().max() > 0
+    M2MLoss(free_matching=mode)(image, text, scale).backward()
+    per_branch = image.grad.abs().amax(dim=(0, 2))
+    assert (per_branch > 0).all(), per_branch
+    # paired: exactly the chosen (sample, branch) pairs get a gradient; research: also every
+    # image's branch that some query text chose (it is a text-to-image candidate there)
+    chosen = torch.zeros(16, 5, dtype=torch.bool)
+    for m in range(3):
+        for b, h in enumerate(ref_choice(image, text, m)):
+            chosen[b, h] = True
+    expected = chosen if mode == "paired" else chosen | chosen.any(dim=0, keepdim=True)
+    torch.testing.assert_close(image.grad.abs().amax(dim=-1) > 0, expected)
+    assert mode == "research" or not chosen.all()  # the paired check is not vacuous
 
 
 # -- hybrid objective (ours) -------------------------------------------------------------------
