@@ -82,6 +82,8 @@ class Trainer:
         self.manifest = load_manifest(
             cfg.data.train, cfg.data.slots, cfg.data.missing_slot_policy, cfg.data.list_slots, cfg.data.on_bad_row
         )
+        if self.dist.is_main:  # rows skipped (on_bad_row=skip) or dropped (missing_slot_policy=drop), on stderr
+            self.manifest.report()
         size = self.model.image_size[0] if isinstance(self.model.image_size, tuple) else self.model.image_size
         # open_clip's training transform (RandomResizedCrop, scale 0.9-1.0) as the research code, unless
         # data.augment=false; the cached path crops the same way from evaluation-resized images
@@ -90,7 +92,7 @@ class Trainer:
             if cfg.data.cache_images else get_transforms(self.model, is_train=cfg.data.augment)
         )
         self.dataset = MultiTextDataset(self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size,
-                                        seed=cfg.run.seed)
+                                        seed=cfg.run.seed, max_pixels=cfg.data.max_image_pixels)
         self.text_features = None
         text_index = None
         if cfg.data.text_cache == "auto" and self.model.text_trunk_frozen():
@@ -111,6 +113,7 @@ class Trainer:
             local_loss=cfg.loss.local_loss, gather_with_grad=cfg.loss.gather_with_grad, rank=self.dist.rank,
             world_size=self.dist.world_size, diversity_margin=cfg.loss.diversity_margin,
             diversity_weight=cfg.loss.diversity_weight, fused_weight=cfg.loss.fused_weight,
+            free_matching=cfg.loss.free_matching,
         )
         self.optimizer = create_optimizer(
             self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps
@@ -123,7 +126,7 @@ class Trainer:
                 self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None
             )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.counters = {"seen": 0, "bad": 0, "truncated": 0, "texts": 0}
+        self.counters = {"seen": 0, "bad": 0, "truncated": 0, "texts": 0, **self.manifest.counts()}
         self.bad_examples: list[str] = []
 
     def _state(self) -> dict:
