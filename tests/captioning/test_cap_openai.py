@@ -104,13 +104,14 @@ def test_api_key_is_sent_but_never_written(tmp_path: Path, monkeypatch, caplog):
         assert secret not in repr(be)
         st = run_captioning(ImageSource(tmp_path / "imgs"), resolve_perspectives("detail"), be, tmp_path / "ok", progress=False)
         assert st.rows_written == 2 and srv.auth_failures == 0
-        # a wrong key: 401 is not retried, and the error text holds no key
+        # a wrong key: 401 is not retried, stops the run at once, and the error text holds no key
         monkeypatch.setenv("HOLI_TEST_KEY", secret + "-wrong")
         be = OpenAIBackend("fake-vlm", base_url=srv.url, api_key_env="HOLI_TEST_KEY", backoff_base=0.01)
-        st = run_captioning(ImageSource(tmp_path / "imgs"), resolve_perspectives("detail"), be, tmp_path / "bad", progress=False)
-        assert st.failures == 2 and st.retries == 0 and srv.auth_failures == 2
+        with pytest.raises(RunAborted, match="HTTP 401") as info:
+            run_captioning(ImageSource(tmp_path / "imgs"), resolve_perspectives("detail"), be, tmp_path / "bad", progress=False)
+        assert be.retries == 0 and srv.auth_failures == 1
     written = "".join(p.read_text() for d in ("ok", "bad") for p in (tmp_path / d).iterdir())
-    assert "HTTP 401" in written and secret not in written and secret not in caplog.text
+    assert secret not in written + str(info.value) and secret not in caplog.text
 
 
 def test_truncation_reported_and_circuit_breaker(tmp_path: Path):

@@ -5,7 +5,10 @@ decodes the base64 image of each request and answers ``"<sha256(image)[:12]> <pr
 so a caller can check that every row pairs the right image with the right prompt. It can
 add a fixed latency to every request and inject faults on a request's *first* attempt
 (429 with Retry-After, 500, or a reply slower than the client's timeout), chosen
-deterministically from the (image, prompt) pair.
+deterministically from the (image, prompt) pair. With ``echo_status`` it instead answers
+every request with that status and a body that echoes the request's headers and body, as
+some proxies and debug servers do (to check that a client never writes what it sent, its
+API key included).
 
 Safety: binds 127.0.0.1 only, answers at most ``max_requests`` requests and shuts itself
 down after ``lifetime_s`` seconds, so a forgotten server cannot linger.
@@ -63,10 +66,12 @@ class LoopbackServer:
 
     def __init__(self, *, latency_s: float = 0.0, faults: Faults | None = None,
                  api_key: str | None = None, max_requests: int = 100_000, lifetime_s: float = 120.0,
-                 port: int = 0):
+                 port: int = 0, echo_status: int | None = None):
         self.latency_s, self.faults, self.api_key = latency_s, faults or Faults(), api_key
         self.max_requests, self.lifetime_s = max_requests, lifetime_s
+        self.echo_status = echo_status
         self.seen: list[Seen] = []
+        self.posts = 0  # every POST received, whatever the answer
         self.auth_failures = 0
         self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -97,6 +102,12 @@ class LoopbackServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
+                with server._lock:
+                    server.posts += 1
+                if server.echo_status is not None:
+                    return self._send(server.echo_status, {
+                        "error": "echo", "headers": dict(self.headers.items()),
+                        "path": self.path, "body": raw.decode("utf-8", "replace")})
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .backends import Backend, CaptionRequest, CaptionResult
+from .backends import Backend, CaptionFatalError, CaptionRequest, CaptionResult
 from .perspectives import Perspective
 from .sources import ImageSource, guess_mime
 from .store import CaptionWriter, ReadProblems, append_jsonl, caption_file_name, caption_files, read_rows
@@ -28,7 +28,8 @@ log = logging.getLogger("holiclip.captioning")
 
 
 class RunAborted(RuntimeError):
-    """Too many failures in a row: the server is probably down; finished rows are kept."""
+    """Too many failures in a row (the server is probably down), or a failure that every
+    request would hit (a refused API key); finished rows are kept."""
 
 
 @dataclass
@@ -165,7 +166,12 @@ async def run_captioning_async(
                 batch.append(nxt)
             stats.requests += len(batch)
             results = await backend.generate(batch)
+            fatal = None
             for r, res in zip(batch, results):
+                if isinstance(res, CaptionFatalError):
+                    # Not the image's fault: no failure row; the rest of the batch is still kept.
+                    fatal = fatal or res
+                    continue
                 if isinstance(res, CaptionResult):
                     consecutive = 0
                     writer.write({"image": r.image, "perspective": r.perspective, "model": backend.model,
@@ -177,6 +183,11 @@ async def run_captioning_async(
                 if remaining[r.image] == 0:
                     del remaining[r.image]
                     image_finished()
+            if fatal is not None:
+                raise RunAborted(
+                    f"{fatal}. Stopped: no request is sent after that answer. Rows so far are in "
+                    f"{writer.path}; once that is fixed, re-run the same command to resume."
+                )
             if last:
                 return
 

@@ -34,6 +34,13 @@ class CaptionError(RuntimeError):
     """A request that failed for good (after retries, or not retryable)."""
 
 
+class CaptionFatalError(CaptionError):
+    """A failure every other request would hit too (the server refused the API key).
+
+    The runner stops at the first one instead of sending the remaining requests; nothing is
+    recorded for the requests, so re-running the same command does them."""
+
+
 class Backend(Protocol):
     model: str  # recorded in every row; part of the resume key
     batch_size: int

@@ -5,9 +5,14 @@ base64 ``data:`` URL in an ``image_url`` content part, next to the prompt text.
 
 Robustness: one shared ``httpx.AsyncClient`` (connection pool sized to the concurrency),
 per-request timeouts, retries with exponential back-off and jitter on 429 / 408 / 5xx and on
-connection errors and timeouts, honouring ``Retry-After``. The API key is read from an
-environment variable (name configurable) and only ever placed in the Authorization header:
-it is never logged, never put in an error message and never written to a file.
+connection errors and timeouts, honouring ``Retry-After``.
+
+The API key is read from an environment variable (name configurable) and only placed in the
+Authorization header. Every error text leaving the backend (and every caption) goes through
+:func:`~holiclip.captioning.redact.redact`, since servers may echo the request headers in an
+error body. A 401/403 answer stops the run (:class:`CaptionFatalError`): until the server has
+answered once, requests go one at a time, so a refused key costs one request; later, at most
+the requests already in flight.
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ from typing import Sequence
 
 import httpx
 
-from . import CaptionError, CaptionRequest, CaptionResult
+from ..redact import redact
+from . import CaptionError, CaptionFatalError, CaptionRequest, CaptionResult
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+AUTH_STATUS = frozenset({401, 403})  # the key is refused: every other request would be too
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # vLLM's default; override with --base-url
 MAX_RETRY_AFTER_S = 300.0  # a server asking for longer is treated as this
 
@@ -56,6 +63,19 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
     if retry_after is not None:
         d = max(d, min(retry_after, MAX_RETRY_AFTER_S))
     return d
+
+
+def _check_header_value(key: str, var: str) -> None:
+    """Refuses a key that cannot go in a header: HTTP libraries quote such a value in their errors."""
+    for i, ch in enumerate(key):
+        if ch in "\r\n":
+            why = "a line break"
+        elif not (" " <= ch <= "~"):
+            why = "a control or non-ASCII character"
+        else:
+            continue
+        raise ValueError(f"${var} holds {why} at position {i + 1} of the API key; "
+                         "an HTTP header cannot carry it (check how the variable is set)")
 
 
 def _shrink(data: bytes, max_side: int) -> tuple[bytes, str]:
@@ -101,10 +121,17 @@ class OpenAIBackend:
         self.max_image_side = max_image_side
         self.extra_body = dict(extra_body or {})
         self.retries = 0  # how many retries happened (progress bar / stats)
+        self.api_key_env = api_key_env
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(api_key_env) if api_key_env else None
+        # Surrounding whitespace is never part of a key (a CRLF .env file leaves a "\r").
+        key = (os.environ.get(api_key_env) or "").strip() if api_key_env else ""
         if key:
+            _check_header_value(key, api_key_env)
             headers["Authorization"] = f"Bearer {key}"
+        self._secrets = (key,) if key else ()
+        self._fatal: str | None = None  # set by the first 401/403; no request is sent after it
+        self._gate = 0  # 0: nothing sent yet, 1: the first request is out, 2: the server has answered
+        self._answered = asyncio.Event()
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
@@ -120,7 +147,55 @@ class OpenAIBackend:
         await self._client.aclose()
 
     async def generate(self, batch: Sequence[CaptionRequest]) -> list:
-        return list(await asyncio.gather(*(self._one(r) for r in batch), return_exceptions=True))
+        results = await asyncio.gather(*(self._one(r) for r in batch), return_exceptions=True)
+        return [self._scrub(r) for r in results]
+
+    def _scrub(self, res):
+        """The one exit of the backend: no result or error text carries the key."""
+        if isinstance(res, CaptionResult):
+            return CaptionResult(redact(res.text, self._secrets, patterns=False), res.finish_reason)
+        if isinstance(res, CaptionError):
+            return type(res)(redact(str(res), self._secrets))
+        if isinstance(res, Exception):  # unexpected: keep the type's name, drop the object
+            return CaptionError(redact(f"{type(res).__name__}: {res}", self._secrets))
+        return res
+
+    def _body(self, resp: httpx.Response, limit: int) -> str:
+        # Redact before cutting: a key cut in two would no longer be recognised.
+        return repr(redact(resp.text, self._secrets)[:limit])
+
+    async def _post(self, body: dict) -> httpx.Response:
+        """One attempt. The first request goes alone: the others wait for the server's first
+        answer, so that a refused key is found with one request, not ``concurrency``."""
+        probe = self._gate == 0
+        if probe:
+            self._gate = 1
+        elif self._gate == 1:
+            await self._answered.wait()
+        if self._fatal is not None:
+            raise CaptionFatalError(self._fatal)
+        try:
+            resp = await self._client.post(self._url, json=body)
+            if resp.status_code in AUTH_STATUS:
+                if self._fatal is None:
+                    self._fatal = self._auth_message(resp)
+                raise CaptionFatalError(self._fatal)
+            return resp
+        finally:
+            if probe:  # answered, refused, failed or cancelled: let the others go
+                self._gate = 2
+                self._answered.set()
+
+    def _auth_message(self, resp: httpx.Response) -> str:
+        var = self.api_key_env
+        if self._secrets:
+            what = f"the API key from ${var}; set ${var} to a valid key (or --api-key-env NAME for another variable)"
+        elif var:
+            what = (f"the request without an API key (${var} is not set); set ${var} to the key "
+                    "(or --api-key-env NAME for another variable)")
+        else:
+            what = "the request without an API key; name the variable holding it with --api-key-env NAME"
+        return f"{self._url}: HTTP {resp.status_code} {self._body(resp, 300)}: the server refused {what}"
 
     async def _payload(self, req: CaptionRequest) -> dict:
         data, mime = req.data, req.mime
@@ -149,13 +224,13 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
-                resp = await self._client.post(self._url, json=body)
+                resp = await self._post(body)
             except httpx.TransportError as err:  # connect/read errors and timeouts
                 last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             else:
                 if resp.status_code == 200:
                     return self._parse(resp)
-                last = f"HTTP {resp.status_code}: {resp.text[:300]!r}"
+                last = f"HTTP {resp.status_code}: {self._body(resp, 300)}"
                 if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
                     raise CaptionError(f"{self._url}: {last} (not retried)")
                 retry_after = parse_retry_after(resp.headers.get("retry-after"))
@@ -170,7 +245,7 @@ class OpenAIBackend:
             choice = resp.json()["choices"][0]
             content = choice["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise CaptionError(f"{self._url}: unexpected response {resp.text[:200]!r} ({err!r})") from None
+            raise CaptionError(f"{self._url}: unexpected response {self._body(resp, 200)} ({err!r})") from None
         if isinstance(content, list):  # some servers return content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         return CaptionResult(text=(content or "").strip(), finish_reason=choice.get("finish_reason"))
