@@ -1,16 +1,27 @@
 """Training configuration: a YAML file plus ``section.key=value`` overrides.
 
+The dataclasses below are the schema: OmegaConf checks every value's type against them, and
+:func:`validate` checks ranges and choices, so a typo stops the run with a message naming the
+file:line or override and the key instead of training something else.
+
 Baselines are configurations, not code: CLIP is ``model.branches=[global]`` with
 ``data.slots=[web]``; O2M is one branch with all slots; Holistic CLIP is one branch per slot.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 @dataclass
@@ -67,7 +78,7 @@ class OptimCfg:
 class RunCfg:
     out: str = "runs/train"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16 | amp
     log_every: int = 10
     save_every: int = 200
@@ -91,76 +102,230 @@ class TrainConfig:
         return list(self.model.branches) if self.model.branches else list(self.data.slots)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON/YAML types (tuples as lists), so a saved copy compares equal to a fresh one."""
+        return {
+            section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+            for section, values in dataclasses.asdict(self).items()
+        }
 
 
-def _set(cfg: Any, dotted: str, value: Any) -> None:
-    section, _, key = dotted.partition(".")
-    if not key or not hasattr(cfg, section) or not hasattr(getattr(cfg, section), key):
-        valid = [f"{s.name}.{k.name}" for s in dataclasses.fields(cfg) for k in dataclasses.fields(getattr(cfg, s.name))]
-        raise KeyError(f"unknown config key {dotted!r}; valid keys: {', '.join(valid)}")
-    target = getattr(cfg, section)
-    annotation = str(next(f.type for f in dataclasses.fields(target) if f.name == key))
-    setattr(target, key, _coerce(value, annotation, dotted))
+class ConfigError(ValueError):
+    """A bad config value or key; the message names the file:line or override and the key."""
 
 
-def _coerce(value: Any, annotation: str, dotted: str) -> Any:
-    """YAML reads 1e-6 as a string and users type numbers on the command line: fix by field type."""
+class UnknownKeyError(ConfigError, KeyError):
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+# Top-level sections a config file may carry for other tools (the demo's label); training ignores them.
+EXTRA_SECTIONS = ("demo",)
+
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
+_HINTS = {name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()}
+
+ENCODERS = ("cls", "mlp")
+ON_BAD_ROW = ("error", "skip")
+TEXT_CACHE = ("auto", "off")
+PRECISIONS = ("auto", "fp32", "bf16", "amp")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+FREE_MATCHING = ("paired", "research")
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _describe(hint: Any) -> str:
+    base, optional = _unwrap(hint)
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        text = f"a list of {len(typing.get_args(base))} numbers"
+    elif origin is list:
+        text = "a list of names (or one name)"
+    else:
+        text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+    return text + (" or null" if optional else "")
+
+
+def _normalise(dotted: str, hint: Any, value: Any, raw: str | None, where: str) -> Any:
+    """What OmegaConf's type check does not cover: one name for a list field, fixed tuple lengths,
+    integral floats (``1e5`` steps), strict booleans, and text that YAML read as a number."""
+    base, _ = _unwrap(hint)
+    origin = typing.get_origin(base)
     if value is None:
         return None
-    try:
-        if annotation.startswith("float") and not isinstance(value, bool):
-            return float(value)
-        if annotation.startswith("int") and not isinstance(value, bool):
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if annotation.startswith("tuple") and isinstance(value, (list, tuple)):
-            return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config key {dotted!r}: {value!r} is not a valid {annotation}") from None
-    if annotation == "bool" and not isinstance(value, bool):
-        raise ValueError(f"config key {dotted!r}: {value!r} is not true/false")
+    bad = ConfigError(f"{where}: {dotted} must be {_describe(hint)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            value = [value]  # data.slots=web means [web], not the letters w, e, b
+        if any(isinstance(v, (list, dict)) or v is None for v in value):
+            raise bad
+        if origin is tuple and len(value) != len(typing.get_args(base)):
+            raise bad
+    elif base is bool and not isinstance(value, bool):
+        raise bad
+    elif base is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif base is str and raw is not None and not isinstance(value, (str, list)) and not raw.lstrip().startswith("{"):
+        value = raw.strip()  # run.out=1e3 is the folder "1e3", not "1000.0"; fill: is not a mapping
     return value
 
 
-def from_dict(data: dict, origin: str = "<dict>") -> TrainConfig:
-    cfg = TrainConfig()
-    for section, values in (data or {}).items():
+def _unknown(where: str, dotted: str, choices: list[str], what: str) -> UnknownKeyError:
+    close = difflib.get_close_matches(dotted, choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UnknownKeyError(f"{where}: unknown config {what} {dotted!r}{hint}; valid: {', '.join(choices)}")
+
+
+def _apply(cfg: DictConfig, data: Any, where, origins: dict[str, str], raw: str | None = None) -> None:
+    """Sets ``{section: {key: value}}`` on the typed config; ``where(dotted)`` names the source."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where('')}: a config must be a mapping of sections ({', '.join(_SECTIONS)})")
+    for section, values in data.items():
+        if section in EXTRA_SECTIONS and raw is None:
+            continue
+        if section not in _SECTIONS:
+            raise _unknown(where(str(section)), str(section), list(_SECTIONS), "section")
         if not isinstance(values, dict):
-            raise ValueError(f"{origin}: section {section!r} must be a mapping")
+            raise ConfigError(f"{where(section)}: {section} is a section: give its keys "
+                              f"(e.g. {section}.{next(iter(_HINTS[section]))}=...), got {values!r}")
         for key, value in values.items():
-            _set(cfg, f"{section}.{key}", value)
-    return cfg
+            dotted = f"{section}.{key}"
+            if key not in _HINTS[section]:
+                raise _unknown(where(dotted), dotted, [f"{section}.{k}" for k in _HINTS[section]], "key")
+            hint = _HINTS[section][key]
+            value = _normalise(dotted, hint, value, raw, where(dotted))
+            try:
+                OmegaConf.update(cfg, dotted, value, merge=False)
+            except OmegaConfBaseException:
+                raise ConfigError(f"{where(dotted)}: {dotted} must be {_describe(hint)}, got {value!r}") from None
+            origins[dotted] = where(dotted)
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """``section.key`` -> line number in a YAML file, for messages."""
+    lines = {}
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:
+            lines[str(key.value)] = key.start_mark.line + 1
+            if isinstance(value, yaml.MappingNode):
+                for sub, _ in value.value:
+                    lines[f"{key.value}.{sub.value}"] = sub.start_mark.line + 1
+    return lines
+
+
+def _finish(cfg: DictConfig, origins: dict[str, str]) -> TrainConfig:
+    try:
+        out = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # e.g. a ${...} interpolation that does not resolve
+        key = str(err.full_key)
+        raise ConfigError(f"{origins.get(key, 'config')}: {key}: {str(err).splitlines()[0]}") from None
+    validate(out, origins)
+    return out
+
+
+def from_dict(data: dict, origin: str = "<dict>") -> TrainConfig:
+    cfg, origins = OmegaConf.structured(TrainConfig), {}
+    _apply(cfg, data or {}, lambda _: origin, origins)
+    return _finish(cfg, origins)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) then ``section.key=value`` overrides (values parsed as YAML)."""
-    data = {}
+    """YAML file (optional) then ``section.key=value`` overrides, checked against the dataclasses above."""
+    cfg, origins = OmegaConf.structured(TrainConfig), {}
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    cfg = from_dict(data, str(path))
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            lines = _yaml_lines(Path(path).read_text())
+        except yaml.MarkedYAMLError as err:  # syntax error or duplicate key
+            context = f" ({err.context})" if err.context else ""
+            raise ConfigError(f"{path}:{err.problem_mark.line + 1}: invalid YAML: {err.problem}{context}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not a YAML text file: {err}") from None
+        _apply(cfg, data, lambda key: f"{path}:{lines[key]}" if key in lines else str(path), origins)
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        key, _, raw = item.partition("=")
-        _set(cfg, key.strip(), yaml.safe_load(raw))
-    validate(cfg)
-    return cfg
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            data = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key.strip()}={raw}"]), resolve=False)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                              f"YAML-quote it inside the shell's quotes: \"{key.strip()}='...'\"") from None
+        _apply(cfg, data, lambda _: f"override {item!r}", origins, raw=raw)
+    return _finish(cfg, origins)
 
 
-def validate(cfg: TrainConfig) -> None:
-    if cfg.model.encoder not in ("cls", "mlp"):
-        raise ValueError(f"model.encoder must be cls or mlp, got {cfg.model.encoder!r}")
-    if not cfg.data.slots:
-        raise ValueError("data.slots must name at least one text slot")
-    if cfg.run.precision not in ("auto", "fp32", "bf16", "amp"):
-        raise ValueError(f"run.precision must be auto|fp32|bf16|amp, got {cfg.run.precision!r}")
-    if cfg.optim.accum_steps < 1 or cfg.optim.batch_size < 1 or cfg.optim.steps < 1:
-        raise ValueError("optim.accum_steps, optim.batch_size and optim.steps must be >= 1")
+def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
+    """Value checks the types cannot express; each error names the key, the allowed values and
+    where the value came from."""
+    origins = origins or {}
+
+    def check(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            section, _, name = key.partition(".")
+            value = getattr(getattr(cfg, section), name)
+            where = f"{origins[key]}: " if key in origins else ""
+            raise ConfigError(f"{where}{key} must be {allowed}, got {value!r}")
+
+    def one_of(key: str, choices: tuple[str, ...], value: str) -> None:
+        check(value in choices, key, "one of " + "|".join(choices))
+
+    def names(key: str, values: list[str] | None, optional: bool) -> None:
+        check((optional and values is None) or bool(values) and all(v.strip() for v in values)
+              and len(set(values)) == len(values), key, "a list of distinct, non-empty names"
+              + (" (or null)" if optional else ""))
+
+    def finite(x: float | None) -> bool:
+        return x is None or math.isfinite(x)
+
+    m, d, lo, o, r = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.run
+    one_of("model.encoder", ENCODERS, m.encoder)
+    names("model.branches", m.branches, optional=True)
+    check(m.mlp_layers is None or m.mlp_layers >= 1, "model.mlp_layers", ">= 1 (or null for the default)")
+    names("data.slots", d.slots, optional=False)
+    names("data.list_slots", d.list_slots, optional=True)
+    policy = d.missing_slot_policy
+    check(policy in ("error", "drop") or policy.startswith("fill:") and len(policy) > 5,
+          "data.missing_slot_policy", "one of error|drop|fill:<slot>")
+    one_of("data.on_bad_row", ON_BAD_ROW, d.on_bad_row)
+    check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]")
+    check(d.workers >= 0, "data.workers", ">= 0")
+    one_of("data.text_cache", TEXT_CACHE, d.text_cache)
+    check(d.max_image_pixels >= 1, "data.max_image_pixels", ">= 1")
+    check(0.0 <= lo.fused_weight <= 1.0, "loss.fused_weight", "in [0, 1]")
+    one_of("loss.free_matching", FREE_MATCHING, lo.free_matching)
+    check(finite(lo.diversity_margin), "loss.diversity_margin", "a finite number or null")
+    check(lo.diversity_weight >= 0.0 and finite(lo.diversity_weight), "loss.diversity_weight", ">= 0")
+    for key in ("batch_size", "steps", "accum_steps"):
+        check(getattr(o, key) >= 1, f"optim.{key}", ">= 1")
+    check(o.lr > 0.0 and finite(o.lr), "optim.lr", "> 0")
+    check(o.weight_decay >= 0.0 and finite(o.weight_decay), "optim.weight_decay", ">= 0")
+    check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "two numbers in [0, 1), e.g. [0.9, 0.98]")
+    check(o.eps > 0.0 and finite(o.eps), "optim.eps", "> 0")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
+    check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "in [0, 1]")
+    check(o.grad_clip is None or o.grad_clip > 0.0 and finite(o.grad_clip), "optim.grad_clip",
+          "> 0 (or null: no clipping)")
+    check(bool(r.out.strip()), "run.out", "a folder name")
+    check(0 <= r.seed < 2**32, "run.seed", "in [0, 2**32)")
+    check(r.device in DEVICES[:3] or re.fullmatch(r"cuda:\d+", r.device) is not None, "run.device",
+          "one of " + "|".join(DEVICES))
+    one_of("run.precision", PRECISIONS, r.precision)
+    check(r.log_every >= 1, "run.log_every", ">= 1")
+    check(r.save_every >= 1, "run.save_every", ">= 1")
+    check(r.keep_checkpoints >= 0, "run.keep_checkpoints", ">= 0 (0 keeps all)")
+    check(r.max_steps_this_run is None or r.max_steps_this_run >= 1, "run.max_steps_this_run", ">= 1 (or null)")
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    data = cfg.to_dict()
-    data["optim"]["betas"] = list(data["optim"]["betas"])
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    """The resolved config; ``load_config`` reads it back unchanged."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
