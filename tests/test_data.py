@@ -93,8 +93,9 @@ def test_bad_images_are_substituted_and_counted(tmp_path):
     ds = MultiTextDataset(m, get_transforms(model))
     items = [ds[i] for i in range(len(ds))]
     assert all(it["image"].shape == (3, 64, 64) for it in items)
-    assert items[1]["index"] == 2 and "1.png" in items[1]["bad"][0]
-    assert items[4]["index"] == 5 and "4.png" in items[4]["bad"][0]
+    # each bad image is replaced by a readable sample other than itself
+    assert items[1]["index"] in {0, 2, 3, 5} and "1.png" in items[1]["bad"][0]
+    assert items[4]["index"] in {0, 2, 3, 5} and "4.png" in items[4]["bad"][0]
     assert sum(len(it["bad"]) for it in items) == 2
     with pytest.raises(DataError, match=r"(?s)2 of 6 images unreadable .*1.png"):
         check_bad_fraction(2, 6, 0.1, [b for it in items for b in it["bad"]])

@@ -1,15 +1,20 @@
 """Training datasets: images + M texts per sample, tokenisation, bad-image accounting.
 
-Bad images never crash a run: the sample is replaced by the next readable one (so every
-rank keeps the same batch size for the feature gather), counted, and summarised; the run
-stops with a clear message only above ``max_bad_fraction``.
+Bad images never crash a run: the sample is replaced by a readable one from outside the
+batch (so every rank keeps the same batch size for the feature gather and no sample appears
+twice), counted, and summarised; the run stops with a clear message only above
+``max_bad_fraction``. Images over a pixel limit are refused from their header, undecoded.
 """
 from __future__ import annotations
 
 import io
+import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
@@ -18,18 +23,81 @@ from .readers import read_samples
 from .records import DataError, apply_missing_slot_policy
 
 MAX_SUBSTITUTIONS = 16
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own warning limit (data.max_image_pixels)
+# what a broken, truncated or refused image raises while opening / decoding / transforming
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
-def open_image(source) -> Image.Image:
-    """A path, raw bytes or a PIL image -> an RGB PIL image (OSError if unreadable)."""
+class ImageTooLarge(OSError):
+    """An image over the pixel limit, refused from its header size before any decoding."""
+
+
+def _name(source) -> str:
+    return str(source) if isinstance(source, (str, Path)) else "<image bytes>"
+
+
+def open_image(source, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A path, raw bytes or a PIL image -> an 8-bit RGB PIL image (OSError if unreadable).
+
+    Images wider than 8 bits are scaled by their mode's range (:func:`to_rgb`). A file with more
+    than ``max_pixels`` pixels (None: no limit of ours) raises :class:`ImageTooLarge` from the
+    size in its header, before anything is decoded. PIL itself refuses files over
+    2 x ``PIL.Image.MAX_IMAGE_PIXELS`` whatever ``max_pixels`` says; that is reported the same way.
+    """
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb(source)
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
-        with Image.open(handle) as im:
-            return im.convert("RGB")
+        im = Image.open(handle)  # lazy: reads the header only
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {source}") from None
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(_pil_refusal(_name(source), err, max_pixels)) from None
+    with im:
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLarge(
+                f"{_name(source)}: {w} x {h} = {w * h:,} pixels, over the limit of {max_pixels:,} pixels "
+                f"(max_image_pixels); not decoded"
+            )
+        return to_rgb(im)
+
+
+def _pil_refusal(name: str, err: Exception, max_pixels: int | None) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    msg = (f"{name}: {size}, over PIL's decompression-bomb limit of {pil_limit:,} pixels "
+           f"(2 x PIL.Image.MAX_IMAGE_PIXELS); not decoded")
+    if max_pixels is None or max_pixels > pil_limit:
+        msg += "; max_image_pixels cannot lift PIL's own limit, PIL.Image.MAX_IMAGE_PIXELS can"
+    return msg
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. PIL's ``convert`` clips greyscale wider than 8 bits (a 16-bit image
+    turns white), so those modes are scaled by their range instead: ``I;16*`` 0..65535 (divide
+    by 257); ``I`` (32-bit int) 0..65535 when the values fit (PIL decodes 16-bit data, e.g.
+    PGM, into it), else 0..2**31-1; ``F`` 0..1 or 0..255 (PIL's float scale) when the values
+    fit, else as ``I``. Values outside the range are clipped, NaN is black."""
+    if not (im.mode.startswith("I;16") or im.mode in ("I", "F")):
+        return im.convert("RGB")
+    a = np.asarray(im).astype(np.float64)
+    top = _full_scale(im.mode, a)
+    grey = np.clip(np.rint(np.nan_to_num(a / (top / 255.0), nan=0.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
+def _full_scale(mode: str, a: np.ndarray) -> float:
+    if mode.startswith("I;16"):
+        return 65535.0
+    finite = a[np.isfinite(a)]
+    hi = float(finite.max()) if finite.size else 0.0
+    if mode == "F" and hi <= 1.0:
+        return 1.0
+    if mode == "F" and hi <= 255.0:
+        return 255.0
+    return 65535.0 if hi <= 65535.0 else float(2**31 - 1)
 
 
 @dataclass
@@ -40,6 +108,32 @@ class LoadedManifest:
     dropped: int = 0
     bad_rows: int = 0
     meta: list[dict] = field(default_factory=list)
+    path: str = ""
+    rows: int = 0  # rows read: used + dropped + malformed
+    bad_row_examples: list[str] = field(default_factory=list)
+    dropped_examples: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"rows": self.rows, "bad_rows": self.bad_rows, "dropped": self.dropped}
+
+    def summary(self) -> str | None:
+        """What was left out of the manifest and why (None when every row is used)."""
+        if not (self.bad_rows or self.dropped):
+            return None
+        lines = [f"{self.path}: {len(self.images)} of {self.rows} rows used"]
+        if self.bad_rows:
+            lines.append(f"  {self.bad_rows} malformed rows skipped (data.on_bad_row=skip), first: "
+                         + "; ".join(self.bad_row_examples[:3]))
+        if self.dropped:
+            lines.append(f"  {self.dropped} samples dropped (data.missing_slot_policy=drop), first: "
+                         + "; ".join(self.dropped_examples[:3]))
+        return "\n".join(lines)
+
+    def report(self, file=None) -> None:
+        """Prints :meth:`summary` (to stderr by default) when rows were left out."""
+        text = self.summary()
+        if text:
+            print(text, file=file or sys.stderr, flush=True)
 
 
 def load_manifest(
@@ -48,19 +142,25 @@ def load_manifest(
 ) -> LoadedManifest:
     """Reads a whole manifest, applying the missing-slot policy per row."""
     stats: dict = {}
-    out = LoadedManifest([], [], [])
+    out = LoadedManifest([], [], [], path=str(path))
     for sample in read_samples(path, list_slots=list_slots, on_error=on_bad_row, stats=stats):
         texts = apply_missing_slot_policy(sample.captions, slots, missing_slot_policy, sample.where)
         if texts is None:
             out.dropped += 1
+            if len(out.dropped_examples) < 5:
+                gone = [s for s in slots if not isinstance(sample.captions.get(s), str) or not sample.captions[s].strip()]
+                out.dropped_examples.append(f"{sample.where} (no {', '.join(map(repr, gone))})")
             continue
         out.images.append(sample.image)
         out.texts.append(texts)
         out.where.append(sample.where)
         out.meta.append(sample.meta)
     out.bad_rows = stats.get("bad_rows", 0)
+    out.bad_row_examples = list(stats.get("bad_examples", []))
+    out.rows = len(out.images) + out.dropped + out.bad_rows
     if not out.images:
-        raise DataError(f"{path}: no usable samples (dropped {out.dropped}, bad rows {out.bad_rows})")
+        raise DataError(f"{path}: no usable samples (dropped {out.dropped}, bad rows {out.bad_rows})"
+                        + (f"\n{out.summary()}" if out.summary() else ""))
     return out
 
 
@@ -73,14 +173,19 @@ class MultiTextDataset(Dataset):
 
     Random augmentation draws from a generator seeded by (seed, epoch, sample), so a sample's
     crop does not depend on worker count, batch order or a resume.
+
+    Images over ``max_pixels`` are unreadable ones (:func:`open_image`); an unreadable image is
+    replaced as :meth:`__getitems__` describes.
     """
 
     def __init__(self, manifest: LoadedManifest, transform: Callable, cache_images: bool = False,
-                 image_size: int | None = None, seed: int = 0):
+                 image_size: int | None = None, seed: int = 0,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.manifest = manifest
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.max_pixels = max_pixels
         self.cache = None
         if cache_images:
             self.cache = self._decode_all(image_size)
@@ -94,43 +199,89 @@ class MultiTextDataset(Dataset):
     def _decode_all(self, image_size):
         from tqdm import tqdm
 
-        arrays, bad = [], []
+        arrays, bad = [], {}
         for i, src in enumerate(tqdm(self.manifest.images, desc="decoding images", leave=False)):
             try:
-                im = open_image(src)
+                im = open_image(src, self.max_pixels)
                 if image_size and im.size != (image_size, image_size):
                     im = resize_center_crop(im, image_size)
                 arrays.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3))
-            except (OSError, UnidentifiedImageError, ValueError):
+            except UNREADABLE as err:
                 arrays.append(None)
-                bad.append(i)
-        shape = next(a.shape for a in arrays if a is not None)
-        self.cache_bad = set(bad)
+                bad[i] = str(err)  # the reason, for the run's bad-image summary
+        shape = next((a.shape for a in arrays if a is not None), None)
+        if shape is None:
+            first = "\n  ".join(self._bad_message(i, OSError(e)) for i, e in list(bad.items())[:5])
+            raise DataError(f"{self.manifest.path}: none of the {len(arrays)} images is readable; first:\n  {first}")
+        self.cache_bad = bad
         return torch.stack([a if a is not None else torch.zeros(shape, dtype=torch.uint8) for a in arrays])
 
     def _load(self, i: int) -> torch.Tensor:
         if self.cache is not None:
             if i in self.cache_bad:
-                raise OSError("unreadable image")
+                raise OSError(self.cache_bad[i])
             image = self.cache[i].permute(2, 0, 1).float().div_(255.0)
         else:
-            image = open_image(self.manifest.images[i])
+            image = open_image(self.manifest.images[i], self.max_pixels)
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left untouched
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
             return self.transform(image)
 
+    def _bad_message(self, i: int, err: Exception) -> str:
+        src = self.manifest.images[i]
+        name = _name(src)
+        return f"{self.manifest.where[i]}: {name}: {str(err).removeprefix(name + ': ')}"
+
     def __getitem__(self, index: int) -> dict:
-        bad = []
-        for k in range(MAX_SUBSTITUTIONS):
-            i = (index + k) % len(self)
-            try:
-                image = self._load(i)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-                src = self.manifest.images[i]
-                bad.append(f"{self.manifest.where[i]}: {src if isinstance(src, str) else '<bytes>'}: {err}")
-                continue
-            return {"image": image, "texts": self.manifest.texts[i], "index": i, "bad": bad}
-        raise DataError(f"{MAX_SUBSTITUTIONS} unreadable images in a row near {self.manifest.where[index]}: {bad[:3]}")
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """One batch (the DataLoader hands the sampler's whole batch here).
+
+        An unreadable image is replaced by a readable sample from outside the global batch
+        (``indices.global_batch`` from :class:`ResumableBatchSampler`, else ``indices``): a
+        sample twice in one batch would be a false negative for the contrastive loss. The
+        substitute is drawn from a generator seeded by (seed, epoch, bad index, global batch),
+        so a resumed run draws the same ones, and each rank draws from its own residue class
+        (index % world_size == rank), so two ranks never pick the same one. Only a dataset
+        barely larger than a global batch can force a repeat.
+        """
+        global_batch = list(getattr(indices, "global_batch", indices))
+        rank, world = getattr(indices, "rank", 0), getattr(indices, "world_size", 1)
+        taken, known_bad = set(global_batch), set()
+        out = []
+        for index in indices:
+            i, bad, rng = index, [], None
+            while True:
+                try:
+                    image = self._load(i)
+                    break
+                except UNREADABLE as err:
+                    bad.append(self._bad_message(i, err))
+                    known_bad.add(i)
+                if len(bad) >= MAX_SUBSTITUTIONS:
+                    raise DataError(f"{len(bad)} unreadable images in a row replacing {self.manifest.where[index]}; "
+                                    f"first: {bad[:3]}")
+                if rng is None:
+                    rng = np.random.default_rng([self.seed % 2**63, self.epoch, index, *global_batch])
+                i = self._substitute(rng, taken, known_bad, rank, world)
+                if i is None:
+                    raise DataError(f"no readable image left to replace {self.manifest.where[index]}: {bad[:3]}")
+                taken.add(i)
+            out.append({"image": image, "texts": self.manifest.texts[i], "index": i, "bad": bad})
+        return out
+
+    def _substitute(self, rng: np.random.Generator, taken: set, known_bad: set, rank: int, world: int) -> int | None:
+        pool = range(rank % world, len(self), world)
+        for _ in range(64):  # rejection sampling: quick while the batch is a small part of the data
+            j = pool[int(rng.integers(len(pool)))]
+            if j not in taken:
+                return j
+        for candidates in ([j for j in pool if j not in taken], [j for j in range(len(self)) if j not in taken],
+                           [j for j in range(len(self)) if j not in known_bad]):  # last: a repeat is unavoidable
+            if candidates:
+                return candidates[int(rng.integers(len(candidates)))]
+        return None
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -235,7 +386,19 @@ class ResumableBatchSampler(Sampler):
         gb = self.batch_size * self.world_size
         for b in range(self.start_batch, self.batches_per_epoch):
             start = b * gb + self.rank * self.batch_size
-            yield perm[start: start + self.batch_size]
+            yield BatchIndices(perm[start: start + self.batch_size], perm[b * gb: (b + 1) * gb], self.rank,
+                               self.world_size)
+
+
+class BatchIndices(list):
+    """One rank's batch indices, plus the global batch they belong to, so that the dataset can
+    pick substitutes for unreadable images outside every rank's batch (see
+    :meth:`MultiTextDataset.__getitems__`). Compares and pickles as a plain list would."""
+
+    def __init__(self, indices: Sequence[int], global_batch: Sequence[int], rank: int = 0, world_size: int = 1):
+        super().__init__(indices)
+        self.global_batch = list(global_batch)
+        self.rank, self.world_size = rank, world_size
 
 
 def check_bad_fraction(bad: int, seen: int, max_fraction: float, examples: Sequence[str]) -> None:

@@ -1,7 +1,8 @@
 """JSONL / CSV / webdataset manifests -> :class:`Sample` streams.
 
-Image paths are resolved relative to the manifest's folder. Malformed rows raise a
-:class:`DataError` naming file and line (or are skipped and counted with ``on_error="skip"``).
+Image paths are resolved relative to the manifest's folder. Malformed rows (torn JSON, bytes
+that are not UTF-8, missing fields) raise a :class:`DataError` naming file and line (or are
+skipped and counted with ``on_error="skip"``).
 """
 from __future__ import annotations
 
@@ -18,17 +19,34 @@ def _resolve(root: Path, image: str) -> str:
     return str(p if p.is_absolute() else root / p)
 
 
+def _decode(raw: bytes, where: str, first: bool = False) -> str:
+    """One line's bytes as text; a byte that is not UTF-8 is an error naming the line and column
+    (decoding the whole file as a stream would name neither)."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                        f"save the file as UTF-8") from None
+
+
+def _utf8_lines(fh, path: Path) -> Iterator[str]:
+    for lineno, raw in enumerate(fh, 1):
+        yield _decode(raw, f"{path}:{lineno}", first=lineno == 1)
+
+
 def read_jsonl(
     path: str | Path, list_slots: Sequence[str] | None = None, on_error: str = "error", stats: dict | None = None
 ) -> Iterator[Sample]:
+    """``stats`` (when given) gets ``bad_rows`` (rows skipped) and ``bad_examples`` (their first messages)."""
     path = Path(path)
     root = path.parent
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
             try:
+                line = _decode(raw, where, first=lineno == 1)
+                if not line.strip():
+                    continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
@@ -36,11 +54,14 @@ def read_jsonl(
                 if not isinstance(row, dict) or not isinstance(row.get("image"), str):
                     raise DataError(f"{where}: each line must be an object with a string field 'image'")
                 caps = captions_from_row(row, where, list_slots)
-            except DataError:
+            except DataError as err:
                 if on_error != "skip":
                     raise
                 if stats is not None:
                     stats["bad_rows"] = stats.get("bad_rows", 0) + 1
+                    examples = stats.setdefault("bad_examples", [])
+                    if len(examples) < 5:
+                        examples.append(str(err))
                 continue
             meta = {k: v for k, v in row.items() if k not in ("image", "captions", "caption")}
             yield Sample(_resolve(root, row["image"]), caps, where, meta)
@@ -51,8 +72,8 @@ def read_csv(
 ) -> Iterator[Sample]:
     """One row per image; every other column (or ``caption_columns``) is a named slot."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
+    with open(path, "rb") as fh:
+        reader = csv.DictReader(_utf8_lines(fh, path), delimiter=delimiter)
         if reader.fieldnames is None or image_column not in reader.fieldnames:
             raise DataError(f"{path}:1: no column {image_column!r} in header {reader.fieldnames}")
         columns = list(caption_columns or [c for c in reader.fieldnames if c != image_column])
@@ -79,8 +100,15 @@ def read_webdataset(urls: str | Sequence[str], list_slots: Sequence[str] | None 
             row = json.loads(item["json"])
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: malformed json member ({err.msg})") from None
+        except UnicodeDecodeError as err:
+            raise DataError(f"{where}: json member is not valid UTF-8 (byte {err.start})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: json member must be an object")
         if "captions" not in row and "caption" not in row and "txt" in item:
-            row["caption"] = item["txt"].decode("utf-8")
+            try:
+                row["caption"] = item["txt"].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: txt member is not valid UTF-8 (byte {err.start})") from None
         yield Sample(image, captions_from_row(row, where, list_slots), where, {"key": item.get("__key__")})
 
 
@@ -89,6 +117,10 @@ def read_samples(path: str | Path | Sequence[str], **kwargs) -> Iterator[Sample]
     if not isinstance(path, (str, Path)):
         return read_webdataset(list(path), kwargs.get("list_slots"))
     text = str(path)
+    if Path(path).is_dir():
+        inside = sorted(p.name for p in Path(path).iterdir() if p.suffix in (".jsonl", ".csv", ".tsv", ".tar"))
+        hint = f"; it holds {', '.join(inside[:5])}" if inside else ""
+        raise DataError(f"{path}: is a folder; a manifest is a .jsonl / .csv / .tsv file or .tar shards{hint}")
     if text.endswith(".tar") or "{" in text:
         return read_webdataset(text, kwargs.get("list_slots"))
     if text.endswith((".csv", ".tsv")):

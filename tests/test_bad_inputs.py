@@ -1,0 +1,247 @@
+"""Bad inputs found by running holiclip as a user would: each gets a clear message naming the
+file (and line), or a counted skip, never a traceback and never a silent wrong result."""
+from __future__ import annotations
+
+import json
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from holiclip.data.loader import (
+    ImageTooLarge, MultiTextDataset, ResumableBatchSampler, load_manifest, open_image,
+)
+from holiclip.data.readers import read_samples
+from holiclip.data.records import DataError
+from holiclip.training.config import load_config
+from holiclip.training.trainer import read_metrics, train
+
+from data_utils import make_dataset
+
+runner = CliRunner()
+
+
+# -- 1. high bit depth -------------------------------------------------------------------------
+def _ramp(top: float, dtype) -> np.ndarray:
+    """A 16 x 16 ramp from 0 to ``top`` (both ends included)."""
+    return (np.linspace(0, top, 256).reshape(16, 16)).astype(dtype)
+
+
+@pytest.mark.parametrize("mode, suffix, top, dtype, scale", [
+    ("I;16", ".png", 65535, np.uint16, 257.0),  # 16-bit greyscale PNG: was all white
+    ("I", ".tif", 65535, np.int32, 257.0),  # 16-bit data decoded into 32-bit ints
+    ("I", ".tif", 2**31 - 1, np.int32, (2**31 - 1) / 255),  # full 32-bit range
+    ("F", ".tif", 1.0, np.float32, 1 / 255),  # float in [0, 1]
+    ("F", ".tif", 255.0, np.float32, 1.0),  # float already on the 8-bit scale
+])
+def test_high_bit_depth_images_scale_by_the_modes_range(tmp_path, mode, suffix, top, dtype, scale):
+    arr = _ramp(top, dtype)
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(arr).save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode  # the file really is in the mode under test
+    got = np.asarray(open_image(str(path)))
+    want = np.clip(np.rint(arr.astype(np.float64) / scale), 0, 255).astype(np.uint8)
+    assert got.shape == (16, 16, 3) and got.dtype == np.uint8
+    assert (got == want[..., None]).all()
+    assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) > 200  # a ramp, not flat white
+
+
+def test_16_bit_grey_from_bytes_and_a_dark_16_bit_image_stays_dark(tmp_path):
+    arr = np.full((8, 8), 1000, np.uint16)  # 1000 / 65535 of full scale: nearly black
+    path = tmp_path / "dark.png"
+    Image.fromarray(arr).save(path)
+    assert (np.asarray(open_image(path.read_bytes())) == 4).all()  # round(1000 / 257)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "P+tRNS", "LA", "RGBA", "CMYK"])
+def test_8_bit_modes_convert_as_before(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).convert(mode.split("+")[0])
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    im.save(path, **({"transparency": 0} if mode == "P+tRNS" else {}))
+    with Image.open(path) as ref:
+        want = np.asarray(ref.convert("RGB"))
+    assert (np.asarray(open_image(str(path))) == want).all()
+
+
+# -- 2. decompression bombs --------------------------------------------------------------------
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A real PNG whose IHDR claims width x height, with a tiny (truncated) body."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_bomb_sized_image_is_refused_from_its_header(tmp_path):
+    path = _png_header(tmp_path / "huge.png", 14000, 14000)
+    limit = Image.MAX_IMAGE_PIXELS
+    t0 = time.perf_counter()
+    with pytest.raises(ImageTooLarge, match=r"huge\.png.*196,000,000 pixels"):
+        open_image(str(path))
+    assert time.perf_counter() - t0 < 1.0  # refused before decoding anything
+    assert issubclass(ImageTooLarge, OSError)  # skipped and counted like any unreadable image
+    assert Image.MAX_IMAGE_PIXELS == limit  # PIL's process-wide setting is left alone
+
+
+def test_own_pixel_limit_is_checked_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 60), (1, 2, 3)).save(path)
+    with pytest.raises(ImageTooLarge, match=r"big\.png: 100 x 60 = 6,000 pixels.*limit of 5,000"):
+        open_image(str(path), max_pixels=5000)
+    assert open_image(str(path), max_pixels=6000).size == (100, 60)
+    assert open_image(str(path), max_pixels=None).size == (100, 60)
+    # between PIL's warning and error thresholds: the default limit (PIL's own) refuses it
+    mid = _png_header(tmp_path / "mid.png", 10000, 10000)
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageTooLarge, match=r"10000 x 10000"):
+        open_image(str(mid))
+
+
+# -- 3. encoding errors in manifests -----------------------------------------------------------
+def _with_latin1_line(path: Path, line: int) -> None:
+    lines = path.read_bytes().split(b"\n")
+    lines[line - 1] = lines[line - 1].replace(b"painted", b"peint\xe9")
+    path.write_bytes(b"\n".join(lines))
+
+
+def test_non_utf8_byte_names_file_and_line_and_can_be_skipped(tmp_path):
+    path = make_dataset(tmp_path, n=6)
+    _with_latin1_line(path, 4)
+    with pytest.raises(DataError, match=rf"{path.name}:4: not valid UTF-8 \(byte 0xe9 at column \d+\)"):
+        list(read_samples(path))
+    stats = {}
+    got = list(read_samples(path, on_error="skip", stats=stats))
+    assert [s.where.rsplit(":", 1)[1] for s in got] == ["1", "2", "3", "5", "6"]
+    assert stats["bad_rows"] == 1 and "4: not valid UTF-8" in stats["bad_examples"][0]
+
+
+def test_non_utf8_byte_in_csv_names_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"image,web\na.png,fine\nb.png,caf\xe9\n")
+    with pytest.raises(DataError, match=r"d\.csv:3: not valid UTF-8"):
+        list(read_samples(path))
+
+
+# -- 4 + 2. skipped rows, dropped samples and too-large images reach the user ------------------
+def test_training_reports_skipped_rows_dropped_samples_and_huge_images(tmp_path, capsys):
+    path = make_dataset(tmp_path, n=40)
+    rows = path.read_bytes().split(b"\n")
+    for i in (3, 8):  # torn JSON lines
+        rows[i] = rows[i][:-4]
+    for i in range(10, 38):  # 28 samples without a 'main' caption
+        row = json.loads(rows[i])
+        del row["captions"]["main"]
+        rows[i] = json.dumps(row).encode()
+    path.write_bytes(b"\n".join(rows))
+    Image.new("RGB", (100, 100), (9, 9, 9)).save(tmp_path / "img" / "0.png")  # over the pixel limit below
+    cfg = load_config(None, [
+        f"data.train={path}", "data.slots=[web,main]", "data.on_bad_row=skip", "data.missing_slot_policy=drop",
+        "data.max_image_pixels=5000", "data.max_bad_fraction=0.5", "model.name=holi-tiny", "optim.batch_size=4",
+        "optim.steps=2", "optim.warmup_steps=1", f"run.out={tmp_path / 'run'}", "run.log_every=1",
+        "run.progress=false", "run.tensorboard=false", f"run.cache_dir={tmp_path / 'cache'}",
+    ])
+    result = train(cfg)
+    err = capsys.readouterr().err
+    assert f"{path}: 10 of 40 rows used" in err
+    assert "2 malformed rows skipped (data.on_bad_row=skip)" in err and f"{path.name}:4: malformed JSON" in err
+    assert "28 samples dropped (data.missing_slot_policy=drop)" in err and f"{path.name}:11" in err
+    c = result["counters"]
+    assert c["bad_rows"] == 2 and c["dropped"] == 28
+    assert c["bad"] >= 1  # 0.png: 100 x 100 > data.max_image_pixels, skipped and counted
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["data/bad_rows"] == 2 and metrics[0]["data/dropped"] == 28
+
+
+def test_manifest_counts_are_recorded(tmp_path):
+    path = make_dataset(tmp_path, n=5)
+    _with_latin1_line(path, 2)
+    m = load_manifest(path, ["web"], on_bad_row="skip")
+    assert m.counts() == {"rows": 5, "bad_rows": 1, "dropped": 0}
+    assert "1 malformed rows skipped" in m.summary()
+    assert load_manifest(make_dataset(tmp_path / "clean", n=3), ["web"]).summary() is None
+
+
+# -- 5. a folder as manifest, corrupt images in eval -------------------------------------------
+def test_folder_as_manifest_is_a_clear_error(tmp_path):
+    make_dataset(tmp_path, n=2)
+    with pytest.raises(DataError, match=rf"{tmp_path}: is a folder.*train\.jsonl"):
+        load_manifest(tmp_path, ["web"])
+    from holiclip.cli.app import app
+
+    res = runner.invoke(app, ["train", f"data.train={tmp_path}", "model.name=holi-tiny", f"run.out={tmp_path}/r"])
+    assert res.exit_code == 2 and "is a folder" in res.output and "Traceback" not in res.output
+
+
+# -- 8. bad-image substitution never duplicates a batch member ---------------------------------
+def test_substitute_for_a_bad_image_is_not_in_the_batch(tmp_path):
+    from holiclip.models.registry import create_model, get_transforms
+
+    path = make_dataset(tmp_path, n=12)
+    (tmp_path / "img" / "4.png").write_bytes(b"not a png")
+    m = load_manifest(path, ["web"])
+    ds = MultiTextDataset(m, get_transforms(create_model("holi-tiny", branches=["web"])))
+    batch = [3, 4, 5, 6]  # the bad image and its successor together
+    items = ds.__getitems__(batch)
+    got = [it["index"] for it in items]
+    assert len(set(got)) == 4 and got[0] == 3 and got[2:] == [5, 6] and got[1] not in batch
+    assert "4.png" in items[1]["bad"][0]
+    assert [it["index"] for it in ds.__getitems__(batch)] == got  # deterministic (exact resume)
+
+
+def test_loader_batches_have_no_duplicates_and_equal_rank_sizes(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from holiclip.data.loader import Collate
+    from holiclip.models.registry import create_model, get_tokenizer, get_transforms
+
+    path = make_dataset(tmp_path, n=24)
+    for i in range(0, 24, 3):  # every third image unreadable: many bad neighbours in each batch
+        (tmp_path / "img" / f"{i}.png").write_bytes(b"x")
+    m = load_manifest(path, ["web"])
+    ds = MultiTextDataset(m, get_transforms(create_model("holi-tiny", branches=["web"])))
+    collate = Collate(get_tokenizer("holi-tiny"), 32)
+    for world in (1, 2):
+        samplers = [ResumableBatchSampler(24, 12 // world, r, world, seed=1) for r in range(world)]
+        for epoch in range(2):
+            per_rank = []
+            for s in samplers:
+                s.set_epoch(epoch)
+                per_rank.append([b["index"].tolist() for b in DataLoader(ds, batch_sampler=s, collate_fn=collate)])
+            for step in zip(*per_rank):
+                assert all(len(b) == 12 // world for b in step)  # every rank keeps its batch size
+                merged = [i for b in step for i in b]
+                assert len(set(merged)) == len(merged)  # no sample twice in the global batch
+                assert not any(i % 3 == 0 for i in merged)  # only readable images
+
+
+def test_resume_with_bad_images_is_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    data = make_dataset(tmp_path, n=20)  # 2 batches of 8 per epoch: substitutes drawn in several epochs
+    for i in (2, 3):
+        (tmp_path / "img" / f"{i}.png").write_bytes(b"broken")
+
+    def cfg(out, *extra):
+        return load_config(None, [
+            f"data.train={data}", "data.slots=[web,main]", "model.name=holi-tiny", "optim.batch_size=8",
+            "optim.steps=6", "optim.warmup_steps=2", f"run.out={out}", "run.save_every=3", "run.log_every=1",
+            "data.max_bad_fraction=0.5", "run.progress=false", "run.tensorboard=false",
+            f"run.cache_dir={tmp_path / 'cache'}", *extra,
+        ])
+
+    full = train(cfg(tmp_path / "full"))
+    train(cfg(tmp_path / "part", "run.max_steps_this_run=3"))
+    resumed = train(cfg(tmp_path / "part", "data.workers=1"), resume="latest")  # a worker process too
+    assert full["counters"] == resumed["counters"] and full["counters"]["bad"] > 0
+    a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("full", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
