@@ -22,6 +22,8 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 Workers = Annotated[int, typer.Option("--workers", help="Image loading workers.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N images (quick checks).")]
+StratifiedLimit = Annotated[Optional[int], typer.Option(
+    "--limit", help="Only N images (quick checks): a seeded subset taking every class in turn.")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
 Templates = Annotated[str, typer.Option("--templates", help="openai | simple | a file with one '{}' template per line.")]
 
@@ -42,6 +44,12 @@ def _run(task: str, checkpoint, model, pretrained, device, out, percent: bool = 
         raise typer.Exit(2) from None
     title = f"{result['task']} - {result['dataset']} - {em.name} ({em.pretrained})" + (" [%]" if percent else "")
     print_rows(result["rows"], result["columns"], title=title, percent=percent)
+    skipped = result.get("skipped_images") or []
+    if skipped:  # left out of the metrics: say so, naming the files
+        shown = "; ".join(f"{s['image']} ({s['error']})" for s in skipped[:5])
+        more = f"; and {len(skipped) - 5} more (all in the JSON)" if len(skipped) > 5 else ""
+        typer.secho(f"{len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} skipped, left out of the "
+                    f"metrics: {shown}{more}", fg="yellow", err=True)
     if "text_stats" in result and result["text_stats"]["truncated"]:
         s = result["text_stats"]
         typer.echo(f"{s['truncated']} of {s['texts']} texts were truncated at the context length (longest: {s['max_tokens']} tokens)")
@@ -125,7 +133,7 @@ def zeroshot(
     per_branch: PerBranch = False,
     batch_size: BatchSize = 64,
     workers: Workers = 0,
-    limit: Limit = None,
+    limit: StratifiedLimit = None,
     device: Device = "cpu",
     out: Out = None,
     progress: Progress = True,

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..data.readers import read_samples
 from ..data.records import DataError
 
@@ -42,10 +44,36 @@ class RetrievalData:
     def __len__(self) -> int:
         return len(self.images)
 
+    def drop(self, rows: Sequence[int]) -> "RetrievalData":
+        """The data without the images at ``rows`` (e.g. unreadable ones) and their texts;
+        the remaining texts still point at their own images."""
+        gone = set(rows)
+        new_row = {i: k for k, i in enumerate(i for i in range(len(self.images)) if i not in gone)}
+        keep = [t for t, i in enumerate(self.text_to_image) if i not in gone]
+        return RetrievalData(
+            [self.images[i] for i in new_row], [self.texts[t] for t in keep],
+            [new_row[self.text_to_image[t]] for t in keep], self.name,
+            [self.image_ids[i] for i in new_row] if self.image_ids else [],
+            [self.text_slots[t] for t in keep] if self.text_slots else [],
+        )
+
+
+def read_text(path) -> str:
+    """A UTF-8 text file (a leading BOM dropped); a byte that is not UTF-8 is a DataError
+    naming the line and column."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {col})") from None
+
 
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
 
@@ -156,7 +184,7 @@ def read_long_captions(path, image_root=None, text_field: str | None = None) -> 
     root = _root(path, image_root)
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(path).split("\n"), 1):
             if line.strip():
                 try:
                     rows.append((f"{path}:{lineno}", json.loads(line)))
@@ -190,7 +218,7 @@ def read_urban1k(root) -> RetrievalData:
         cap = root / "caption" / (img.stem + ".txt")
         if not cap.exists():
             raise DataError(f"{img}: no caption file {cap}")
-        data.texts.append(cap.read_text(encoding="utf-8").strip())
+        data.texts.append(read_text(cap).strip())
         data.text_to_image.append(len(data.images))
         data.images.append(str(img))
         data.image_ids.append(img.stem)
@@ -207,7 +235,7 @@ def detect_format(path) -> str:
     if text.endswith((".tar", ".csv", ".tsv")) or "{" in text:
         return "manifest"
     if p.suffix == ".jsonl":
-        first = next((ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()), "{}")
+        first = next((ln for ln in read_text(p).split("\n") if ln.strip()), "{}")
         try:
             row = json.loads(first)
         except json.JSONDecodeError as err:
@@ -288,7 +316,7 @@ def read_names_file(path) -> list[str] | dict:
         if not isinstance(doc, list):
             raise DataError(f"{path}: expected a JSON list of class names")
         return [str(c) for c in doc]
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.strip() for ln in read_text(path).splitlines()]
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
@@ -336,6 +364,27 @@ def read_image_folder(root, classnames: list[str] | dict | None = None) -> Class
     return data
 
 
+def stratified_subset(labels: Sequence[int], limit: int, seed: int = 0) -> list[int]:
+    """Sorted indices of ``limit`` samples taken round-robin over the classes, the classes and
+    the samples within each in a seeded random order: a quick check on a class-sorted list
+    (an ImageFolder) sees every class instead of the first few. Same seed, same subset."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    if limit >= len(labels):
+        return list(range(len(labels)))
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(int(c), []).append(i)
+    queues = [rng.permutation(by_class[int(c)]).tolist() for c in rng.permutation(sorted(by_class))]
+    picked: list[int] = []
+    for depth in range(max(len(q) for q in queues)):
+        picked += [q[depth] for q in queues if depth < len(q)][: limit - len(picked)]
+        if len(picked) == limit:
+            break
+    return sorted(picked)
+
+
 def load_templates(spec: str | None) -> list:
     """``openai`` (open_clip's 80 ImageNet templates), ``simple``, or a text file, one template
     per line with ``{}`` (or ``{c}``) where the class name goes."""
@@ -349,7 +398,7 @@ def load_templates(spec: str | None) -> list:
     if not path.exists():
         raise FileNotFoundError(f"templates: {spec!r} is neither 'openai', 'simple' nor a file")
     templates = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -418,20 +467,19 @@ def read_mask_manifest(path, classes=None, limit: int | None = None) -> Segmenta
     path = Path(path)
     names = _find_classes(path.parent, classes)
     data = SegmentationData([], [], names, name=path.stem)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(data.images) >= limit:
-                break
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("mask"), str):
-                raise DataError(f"{path}:{lineno}: needs string fields 'image' and 'mask'")
-            data.images.append(_resolve(path.parent, row["image"]))
-            data.masks.append(_resolve(path.parent, row["mask"]))
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        if limit is not None and len(data.images) >= limit:
+            break
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("mask"), str):
+            raise DataError(f"{path}:{lineno}: needs string fields 'image' and 'mask'")
+        data.images.append(_resolve(path.parent, row["image"]))
+        data.masks.append(_resolve(path.parent, row["mask"]))
     if not data.images:
         raise DataError(f"{path}: no rows")
     return data

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from ..data.records import DataError
 from ..models.fusion import fuse
-from ..data.loader import open_image
+from ..data.loader import UNREADABLE, open_image
+from .features import no_readable_images, unreadable
 
 IGNORE_INDEX = 255
 
@@ -119,10 +120,14 @@ def evaluate_segmentation(
     device: str | torch.device = "cpu",
     ignore_index: int = IGNORE_INDEX,
     progress: bool = False,
+    skipped: list | None = None,
 ) -> dict[str, dict]:
     """mIoU for each ``(label, fusion, branches)`` variant, from one dense pass over the data.
 
-    images: paths / bytes / PIL images; masks: class-index PNG paths or (h, w) tensors.
+    images: paths / bytes / PIL images; masks: class-index PNG paths or (h, w) tensors. With a
+    ``skipped`` list, a pair whose image or mask file cannot be read is left out and recorded
+    there (as :func:`encode_images` does); without one it is a :class:`DataError`. A mask with
+    values that are not classes is always an error.
     """
     if len(images) != len(masks):
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
@@ -130,12 +135,33 @@ def evaluate_segmentation(
     transform = dense_transform(model.image_size)
     names = tuple(model.branch_names)
     cms = {label: torch.zeros(num_classes, num_classes, dtype=torch.long) for label, _, _ in variants}
+    bad: list[dict] = []
     for s in tqdm(range(0, len(images), batch_size), desc="dense", unit="batch", disable=not progress):
-        batch = torch.stack([transform(open_image(im)) for im in images[s : s + batch_size]]).to(device)
-        dense = model.encode_dense(batch).float().cpu()
-        truths = [m if isinstance(m, torch.Tensor) else load_mask(m, num_classes, ignore_index) for m in masks[s : s + batch_size]]
+        xs, truths = [], []
+        for k in range(s, min(s + batch_size, len(images))):
+            source = images[k]
+            try:
+                x = transform(open_image(source))
+                source = masks[k]
+                truth = source if isinstance(source, torch.Tensor) else load_mask(source, num_classes, ignore_index)
+            except DataError:
+                raise
+            except UNREADABLE as err:
+                bad.append(unreadable(k, source, err))
+                continue
+            xs.append(x)
+            truths.append(truth)
+        if bad and skipped is None:
+            raise DataError(f"{bad[0]['image']}: unreadable ({bad[0]['error']})")
+        if not xs:
+            continue
+        dense = model.encode_dense(torch.stack(xs).to(device)).float().cpu()
         for label, fusion, branches in variants:
             logits = patch_logits(dense, class_features, fusion, branches, names)
             for lg, truth in zip(logits, truths):
                 cms[label] += confusion_matrix(predict_mask(lg, tuple(truth.shape)), truth, num_classes, ignore_index)
+    if bad and len(bad) == len(images):
+        raise no_readable_images(bad)
+    if skipped is not None:
+        skipped.extend(bad)
     return {label: iou_metrics(cm, classnames) for label, cm in cms.items()}

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from .dense import dense_transform
-from ..data.loader import open_image
+from .features import read_image
 
 
 @torch.no_grad()
 def branch_attention(model, image, device: str | torch.device = "cpu") -> tuple[np.ndarray, torch.Tensor]:
     """(image as an (s, s, 3) array in [0, 1], maps (H, s, s) upsampled, each scaled to [0, 1])."""
-    pil = open_image(image)
+    pil = read_image(image)
     x = dense_transform(model.image_size)(pil)[None].to(device)
     maps = model.attention_maps(x)[0].float().cpu()  # (H, gh, gw)
     size = x.shape[-2:]
@@ -34,7 +34,7 @@ def branch_attention(model, image, device: str | torch.device = "cpu") -> tuple[
 def attention_summary(model, image, device: str | torch.device = "cpu") -> list[dict]:
     """Per branch: the raw (gh, gw) map, its peak patch (row, col), and its entropy relative to
     a uniform map (1.0 = spread evenly over the patches, 0.0 = all on one patch)."""
-    x = dense_transform(model.image_size)(open_image(image))[None].to(device)
+    x = dense_transform(model.image_size)(read_image(image))[None].to(device)
     maps = model.attention_maps(x)[0].float().cpu()
     out = []
     for name, m in zip(model.branch_names, maps):

@@ -1,5 +1,8 @@
 """Batched feature extraction for evaluation: images -> (N, H, D), texts -> (N, D).
 
+An unreadable image (corrupt, truncated, over the pixel limit) is skipped and listed when the
+caller passes a ``skipped`` list, otherwise it is an error naming the file.
+
 Texts longer than the model's context are either truncated (the default; the count is
 reported) or, with ``long_text="split"``, split into sentences whose embeddings are averaged
 and renormalised (a sentence that is itself too long is still truncated and counted).
@@ -15,10 +18,36 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.loader import open_image, token_lengths
+from ..data.loader import UNREADABLE, open_image, token_lengths
+from ..data.records import DataError
 
 LONG_TEXT_MODES = ("truncate", "split")
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
+
+
+def image_name(source) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return "<image bytes>"
+    return "<PIL image>" if isinstance(source, Image.Image) else str(source)
+
+
+def unreadable(index: int, source, err: Exception) -> dict:
+    """The record of a skipped image: its row, name and why."""
+    name = image_name(source)
+    return {"index": index, "image": name, "error": str(err).removeprefix(f"{name}: ")}
+
+
+def read_image(source):
+    """:func:`open_image` for one image the user named: unreadable is a DataError naming it."""
+    try:
+        return open_image(source)
+    except UNREADABLE as err:
+        raise DataError(f"{image_name(source)}: unreadable image ({unreadable(0, source, err)['error']})") from None
+
+
+def no_readable_images(skipped: list[dict]) -> DataError:
+    listing = "\n  ".join(f"{s['image']}: {s['error']}" for s in skipped[:5])
+    return DataError(f"no readable images among {len(skipped)}; first:\n  {listing}")
 
 
 class _ImageList(torch.utils.data.Dataset):
@@ -28,8 +57,16 @@ class _ImageList(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(open_image(self.images[i]))
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(open_image(self.images[i])), None
+        except UNREADABLE as err:
+            return i, None, unreadable(i, self.images[i], err)
+
+
+def _collate(items: list) -> tuple[torch.Tensor | None, list[dict]]:
+    good = [x for _, x, _ in items if x is not None]
+    return (torch.stack(good) if good else None), [bad for _, _, bad in items if bad is not None]
 
 
 @torch.no_grad()
@@ -41,14 +78,30 @@ def encode_images(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool = False,
+    skipped: list | None = None,
 ) -> torch.Tensor:
-    """Unit-norm branch embeddings (N, H, D) of images given as paths / bytes / PIL images."""
-    loader = torch.utils.data.DataLoader(_ImageList(images, transform), batch_size=batch_size, num_workers=num_workers)
-    out = []
-    for batch in tqdm(loader, desc="images", unit="batch", disable=not progress):
-        out.append(model.encode_image(batch.to(device)).float().cpu())
-    if not out:
+    """Unit-norm branch embeddings (N, H, D) of images given as paths / bytes / PIL images.
+
+    With a ``skipped`` list, unreadable images are left out (the rows keep the order of the
+    readable ones) and one record ``{"index", "image", "error"}`` per image is appended to it;
+    without one, an unreadable image is a :class:`DataError` naming it. No readable image at
+    all is always an error."""
+    if not len(images):
         raise ValueError("no images to encode")
+    loader = torch.utils.data.DataLoader(_ImageList(images, transform), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=_collate)
+    out, bad = [], []
+    for batch, errors in tqdm(loader, desc="images", unit="batch", disable=not progress):
+        bad.extend(errors)
+        if batch is not None:
+            out.append(model.encode_image(batch.to(device)).float().cpu())
+    if not out:
+        raise no_readable_images(bad)
+    if bad and skipped is None:
+        listing = "\n  ".join(f"{s['image']}: {s['error']}" for s in bad[:5])
+        raise DataError(f"{len(bad)} unreadable images; first:\n  {listing}")
+    if skipped is not None:
+        skipped.extend(bad)
     return torch.cat(out)
 
 

@@ -5,14 +5,17 @@ scores every requested branch variant and returns a JSON-ready result.
 Every result has CLIP_benchmark's top-level keys (``dataset``, ``model``, ``pretrained``,
 ``task``, ``metrics``, ``language``) for the fused variant, plus ``fusion``, ``branches``,
 ``rows`` (one dict per variant: ``{"branches": label, metric: value, ...}``, the per-branch
-rows first and the fused row last) and ``columns`` (what the table shows).
+rows first and the fused row last), ``columns`` (what the table shows) and, for tasks that read
+images, ``skipped_images`` (unreadable images left out of the metrics: index, image, error).
 Add a task with ``@register_task("name")``.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .datasets import load_classnames, load_retrieval, load_segmentation, load_templates, read_image_folder
+from .datasets import (
+    load_classnames, load_retrieval, load_segmentation, load_templates, read_image_folder, stratified_subset,
+)
 from .dense import evaluate_segmentation
 from .diversity import text_diversity
 from .features import encode_images, encode_texts
@@ -88,7 +91,10 @@ def retrieval_task(
 ) -> dict:
     ds = load_retrieval(data, fmt, image_root, split, slots, text_field, limit)
     variants = branch_variants(em.branch_names, fusion, branches, per_branch)
-    images = encode_images(em.model, ds.images, em.transform, batch_size, em.device, num_workers, progress)
+    skipped: list[dict] = []
+    images = encode_images(em.model, ds.images, em.transform, batch_size, em.device, num_workers, progress, skipped)
+    if skipped:  # unreadable images leave with their texts, so every text keeps its own image
+        ds = ds.drop([s["index"] for s in skipped])
     texts = encode_texts(em.model, em.tokenizer, ds.texts, 4 * batch_size, em.device, long_text, progress=progress)
     groups = groups_from_identical_captions(ds.texts, ds.text_to_image, len(ds.images)) if identical_captions_as_hits else None
     rows = []
@@ -105,7 +111,7 @@ def retrieval_task(
     return _result(
         task, ds.name, em, rows, fusion, branches, columns,
         images=len(ds.images), texts=len(ds.texts), text_stats=texts.summary(), long_text=long_text,
-        identical_captions_as_hits=identical_captions_as_hits,
+        identical_captions_as_hits=identical_captions_as_hits, skipped_images=skipped,
     )
 
 
@@ -134,21 +140,28 @@ def zeroshot_task(
     num_workers: int = 0,
     limit: int | None = None,
     progress: bool = False,
+    seed: int = 0,
 ) -> dict:
+    """``limit``: a seeded class-stratified subset of that many images (``seed``), not the first
+    ones of the class-sorted folder list."""
     ds = read_image_folder(data, load_classnames(classnames))
     if limit is not None:
-        ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
+        keep = stratified_subset(ds.labels, limit, seed)
+        ds.images, ds.labels = [ds.images[i] for i in keep], [ds.labels[i] for i in keep]
     variants = branch_variants(em.branch_names, fusion, branches, per_branch)
     classifier = build_classifier(em.model, em.tokenizer, ds.classnames, load_templates(templates), em.device, progress=progress)
-    images = encode_images(em.model, ds.images, em.transform, batch_size, em.device, num_workers, progress)
+    skipped: list[dict] = []
+    images = encode_images(em.model, ds.images, em.transform, batch_size, em.device, num_workers, progress, skipped)
+    gone = {s["index"] for s in skipped}
+    labels = [y for i, y in enumerate(ds.labels) if i not in gone]
     rows, per_class = [], None
     for label, mode, subset in variants:
-        m = zeroshot_classify(images, ds.labels, classifier, mode, subset, em.branch_names)
+        m = zeroshot_classify(images, labels, classifier, mode, subset, em.branch_names)
         per_class = m.pop("per_class_recall")
         rows.append({"branches": label, **m})
     result = _result(
         "zeroshot_classification", ds.name, em, rows, fusion, branches, ["branches", "acc1", "acc5", "mean_per_class_recall"],
-        images=len(ds.images), classes=len(ds.classnames),
+        images=len(labels), classes=len(ds.classnames), skipped_images=skipped, limit=limit, seed=seed,
     )
     result["metrics"]["per_class_recall"] = dict(zip(ds.classnames, per_class))  # of the fused row
     return result
@@ -170,13 +183,15 @@ def dense_task(
     ds = load_segmentation(data, classes, limit)
     variants = branch_variants(em.branch_names, fusion, branches, per_branch)
     class_features = build_classifier(em.model, em.tokenizer, ds.classnames, load_templates(templates), em.device).T
+    skipped: list[dict] = []
     per = evaluate_segmentation(
-        em.model, ds.images, ds.masks, class_features, variants, ds.classnames, batch_size, em.device, progress=progress
+        em.model, ds.images, ds.masks, class_features, variants, ds.classnames, batch_size, em.device, progress=progress,
+        skipped=skipped,
     )
     rows = [{"branches": label, **{k: v for k, v in per[label].items() if k != "per_class_iou"}} for label, _, _ in variants]
     result = _result(
         "dense_segmentation", ds.name, em, rows, fusion, branches, ["branches", "mIoU", "pixel_accuracy", "mean_class_accuracy"],
-        images=len(ds.images), classes=len(ds.classnames),
+        images=len(ds.images) - len(skipped), classes=len(ds.classnames), skipped_images=skipped,
     )
     result["metrics"]["per_class_iou"] = per[variants[-1][0]]["per_class_iou"]
     return result
