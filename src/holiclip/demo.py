@@ -198,9 +198,12 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
     cache_dir = Path(".cache/holiclip")
     t_start = time.perf_counter()
     data = Path(data_dir) if data_dir else cache_dir / f"emoji-{mode.preset}"
-    log(f"building / reusing the emoji benchmark ({mode.preset}) in {data}")
     t0 = time.perf_counter()
-    emoji.build(data, emoji.preset(mode.preset))
+    if data_dir:  # the user's folder: its dataset is used as it is, never rebuilt over
+        emoji.use_or_build(data, emoji.preset(mode.preset), log=log)
+    else:
+        log(f"building / reusing the emoji benchmark ({mode.preset}) in {data}")
+        emoji.build(data, emoji.preset(mode.preset))
     data_s = time.perf_counter() - t0
     warm_text_cache(mode, data, cache_dir, log)
     runs = run_jobs(mode, names, data, out, cache_dir, jobs, log)

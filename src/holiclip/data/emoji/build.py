@@ -14,7 +14,9 @@ Output folder layout::
     classes.json meta.json LICENSES.md
 
 ``build`` returns at once when ``meta.json`` already holds the same key (hash of the
-parameters, the source versions and this package's code, classes.txt included).
+parameters, the source versions and this package's code, classes.txt included), and replaces
+a dataset built with another key (a cache). ``use_or_build`` is for a folder the user named:
+the dataset there is used as it is, never replaced.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..records import DataError
 from . import backgrounds as bgs
 from .captions import SLOTS, STYLE_PHRASES, Captioner
 from .classes import CANDIDATES_FILE, EmojiClass, article, choose_classes
@@ -108,6 +111,8 @@ def is_complete(root: Path | str, key: str | None = None) -> bool:
         m = json.loads(meta.read_text())
     except ValueError:
         return False
+    if not isinstance(m, dict):
+        return False
     if key is not None and m.get("key") != key:
         return False
     return all((Path(root) / f"{s}.jsonl").is_file() for s in m.get("splits", {}))
@@ -185,6 +190,29 @@ def build(out: Path | str, params: EmojiParams | None = None, *, sources: Source
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return {**meta, "root": str(out), "cached": False}
+
+
+def use_or_build(out: Path | str, params: EmojiParams | None = None, *, log=print, **build_kwargs) -> dict:
+    """For a folder the user named: a complete emoji dataset there is used as it is, whatever
+    parameters or code version built it (its meta.json says which; differences from ``params``
+    are logged); a missing or empty folder gets a fresh build with ``params``; anything else is
+    refused with a :class:`DataError`. What is in the folder is never replaced."""
+    params = params or PRESETS["default"]
+    out = Path(out)
+    if is_complete(out):
+        meta = json.loads((out / "meta.json").read_text())
+        wanted = json.loads(json.dumps(asdict(params)))  # tuples as JSON lists, as in meta.json
+        differs = {k: v for k, v in meta.get("params", {}).items() if wanted.get(k) != v}
+        note = f"built with {', '.join(f'{k}={v}' for k, v in sorted(differs.items()))}" if differs else "same parameters"
+        log(f"using the emoji dataset in {out} as it is ({note}; {out / 'meta.json'} describes it)")
+        return {**meta, "root": str(out), "cached": True}
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(
+            f"{out}: holds no complete emoji dataset (a meta.json naming its splits, and their .jsonl files); "
+            f"it is left as it is: name an empty or new folder to build one there"
+        )
+    log(f"building the emoji benchmark in {out}")
+    return build(out, params, log=log, **build_kwargs)
 
 
 def _combo_key(row: dict) -> tuple:
