@@ -1,4 +1,4 @@
-"""`holiclip train CONFIG.yaml [section.key=value ...] [--resume latest]`."""
+"""`holiclip train CONFIG.yaml [section.key=value ...] [--resume latest | --overwrite]`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +12,11 @@ def app(
     overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides, e.g. optim.steps=500"),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint path."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder (same as run.out=...)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Start over in a run folder that holds a previous run: first delete that run's checkpoints/, "
+             "metrics.jsonl, tensorboard/, model/ and config.yaml (other files stay). Without it (or --resume), "
+             "training into such a folder stops."),
 ) -> None:
     """Train Holistic CLIP (or the CLIP / O2M baselines) in one process or under torchrun."""
     from ..data.records import DataError
@@ -26,8 +31,15 @@ def app(
         items.append(f"run.out={out}")
     try:
         cfg = load_config(config, items)
-        result = train(cfg, resume=resume)
+        result = train(cfg, resume=resume, overwrite=overwrite)
     except (DataError, NonFiniteLoss, KeyError, ValueError, FileNotFoundError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"done: step {result['step']}, loss {result['last'].get('loss', float('nan')):.4f}, run folder {result['out']}")
+    last = result["last"]
+    if result["trained_steps"] == 0:  # resumed at the end: report the last logged loss, not a nan
+        logged = f" (last logged loss {last['loss']:.4f} at step {last['step']})" if "loss" in last else ""
+        typer.echo(f"nothing to train: the run was already complete at step {result['step']} of {cfg.optim.steps}"
+                   f"{logged}, run folder {result['out']}")
+        return
+    loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
+    typer.echo(f"done: step {result['step']}{loss}, run folder {result['out']}")

@@ -1,15 +1,35 @@
-"""Training-state checkpoints: atomic writes (temp file + rename), ``latest`` lookup, safe loads."""
+"""Training-state checkpoints: atomic writes (temp file + rename), ``latest`` lookup, safe loads,
+and the run folder's guard (a new run never mixes with the run already there)."""
 from __future__ import annotations
 
 import os
 import random
 import re
+import shutil
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
+# what a training run writes into run.out (``--overwrite`` deletes exactly these)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "config.yaml")
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "counters", "rng")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file."""
+
+
+class RunFolderError(ValueError):
+    """run.out holds a run that the new one would be mixed with."""
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def rng_state() -> dict:
@@ -54,18 +74,151 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> P
     return path
 
 
-def resolve_resume(resume: str | None, directory: Path) -> Path | None:
-    """``latest`` -> newest checkpoint in the run (None if there is none); else a path."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(directory)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
-    return path
-
-
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training state, or a CheckpointError naming the file (empty, truncated, not a torch file, not a state)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err.strerror}") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file raises EOFError, RuntimeError, OSError, UnpicklingError, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is unreadable ({size} bytes; truncated or corrupt?): "
+                              f"{reason}") from None
+    missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a holiclip training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def _step_of(path: Path) -> int:
+    return int(CKPT_RE.search(path.name).group(1))
+
+
+def _in_folder(path: Path, directory: Path) -> bool:
+    return Path(path).resolve().parent == Path(directory).resolve()
+
+
+def _set_aside(path: Path, suffix: str) -> Path:
+    """Renames a checkpoint out of the rotation (``latest`` and pruning see only ``step_*.pt``), keeping it."""
+    target = path.with_name(f"{path.name}.{suffix}")
+    os.replace(path, target)
+    return target
+
+
+def find_resume(resume: str | None, directory: Path,
+                warn: Callable[[str], None] = _warn) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its state, (None, None) for a fresh start.
+
+    ``latest``: the newest readable checkpoint in ``directory``; damaged newer ones are named and set
+    aside as ``*.unreadable``; none readable is an error, never a silent fresh start. A path: that
+    checkpoint or an error naming it; newer checkpoints of the same folder belong to the line of
+    training being abandoned and are set aside as ``*.superseded`` (a later ``latest`` must not pick them).
+    """
+    if not resume:
+        return None, None
+    directory = Path(directory)
+    if resume != "latest":
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+        state = load_checkpoint(path)
+        if _in_folder(path, directory):
+            for newer in [p for p in list_checkpoints(directory) if _step_of(p) > int(state["step"])]:
+                warn(f"warning: {newer} is newer than {path}, the checkpoint resumed from; "
+                     f"set aside as {_set_aside(newer, 'superseded').name}")
+        return path, state
+    damaged: list[tuple[Path, CheckpointError]] = []
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as err:
+            warn(f"warning: {err}")
+            damaged.append((path, err))
+            continue
+        if damaged:
+            aside = ", ".join(_set_aside(p, "unreadable").name for p, _ in damaged)
+            warn(f"warning: resuming from {path}, the newest readable checkpoint (set aside: {aside})")
+        return path, state
+    if damaged:
+        raise CheckpointError(f"no readable checkpoint in {directory} to resume from: "
+                              + "; ".join(str(err) for _, err in damaged))
+    return None, None
+
+
+def on_main(fn: Callable, is_main: bool):
+    """``fn()`` on rank 0 alone (the only rank that touches the run folder); its result, or its error,
+    reaches every rank under torchrun, so that all ranks go on or fail alike instead of hanging."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except Exception as err:  # handed to the other ranks, then raised everywhere
+            error = err
+    if dist.is_available() and dist.is_initialized():
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def resume_state(resume: str | None, directory: Path, is_main: bool) -> tuple[Path | None, dict | None]:
+    """``find_resume`` on rank 0; the other ranks load the checkpoint it chose."""
+    loaded: dict = {}
+
+    def choose():
+        path, loaded["state"] = find_resume(resume, directory)
+        return path
+
+    path = on_main(choose, is_main)
+    if path is None:
+        return None, None
+    return path, loaded["state"] if is_main else load_checkpoint(path)
+
+
+def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, warn: Callable[[str], None] = _warn) -> None:
+    """Stops a run that would mix with the run already in ``out``; with ``overwrite`` deletes that run's
+    outputs (RUN_OUTPUTS) first. Run on rank 0 only."""
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    own = resume and resume != "latest" and _in_folder(Path(resume), ckpt_dir)
+    if overwrite:
+        if resume == "latest":
+            raise RunFolderError(f"--overwrite starts the run in {out} over and --resume latest continues it: "
+                                 "pass one of them")
+        if own:
+            raise RunFolderError(f"--overwrite would delete {resume}, the checkpoint to resume from: "
+                                 f"copy it out of {ckpt_dir} first, or leave out --overwrite")
+        removed = []
+        for name in RUN_OUTPUTS:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            else:
+                continue
+            removed.append(name)
+        if removed:
+            warn(f"--overwrite: deleted the previous run's {', '.join(removed)} in {out}")
+        return
+    found = list_checkpoints(ckpt_dir)
+    held = [f"checkpoints up to step {_step_of(found[-1])}"] if found else []
+    if (out / "model").exists():
+        held.append("a trained model in model/")
+    if not held or (resume == "latest" and found) or own:
+        return
+    ways = "Train into another folder (run.out=...)" if resume == "latest" else (
+        "Continue it with --resume latest (from Python: train(cfg, resume='latest')), train into another folder "
+        "(run.out=...)")
+    raise RunFolderError(
+        f"run folder {out} already holds a run ({', '.join(held)}); a new run there would be mixed with it. "
+        f"{ways}, or pass --overwrite (overwrite=True) to delete that run's checkpoints, metrics, TensorBoard "
+        "logs and model first"
+    )

@@ -2,23 +2,59 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 
 class MetricLogger:
-    def __init__(self, out: Path, enabled: bool = True, tensorboard: bool = True):
+    """``start_step``: the step the run starts (or resumes) at. Rows and TensorBoard events after it
+    were logged by an interrupted run after its last checkpoint; they are dropped, since this run
+    logs those steps again (each step once in ``metrics.jsonl``)."""
+
+    def __init__(self, out: Path, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.path = Path(out) / "metrics.jsonl"
         self.writer = None
+        self.last_row = self._keep_until(start_step) if enabled else None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(out) / "tensorboard"))
+                # purge_step hides the earlier run's events from step start_step + 1 on
+                self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1)
             except ImportError:  # tensorboard is optional
                 self.writer = None
+
+    def _keep_until(self, step: int) -> dict | None:
+        """Rewrites metrics.jsonl (atomically) without rows after ``step``; returns the last row kept."""
+        if not self.path.exists():
+            return None
+        rows: dict[int, dict] = {}
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        later = torn = 0
+        for line in lines:
+            try:
+                row = json.loads(line)
+                row_step = int(row["step"])
+            except (ValueError, KeyError, TypeError):  # a row cut short when the run was killed
+                torn += 1
+                continue
+            if row_step > step:
+                later += 1
+            else:
+                rows[row_step] = row  # a step logged twice (older versions): the later row stands
+        if len(rows) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for _, r in sorted(rows.items())), encoding="utf-8")
+            os.replace(tmp, self.path)
+            repeated = len(lines) - len(rows) - later - torn
+            parts = {f"{later} row(s) after step {step} (logged after the checkpoint this run starts from)": later,
+                     f"{torn} unreadable row(s)": torn, f"{repeated} repeated step(s)": repeated}
+            print(f"{self.path}: dropped " + ", ".join(k for k, n in parts.items() if n), file=sys.stderr, flush=True)
+        return rows[max(rows)] if rows else None
 
     def progress(self, total: int, initial: int = 0, disable: bool = False):
         return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable or not self.enabled,

@@ -58,9 +58,10 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite  # delete the previous run in run.out (checkpoint.RUN_OUTPUTS) first
         self.device = resolve_device(cfg.run.device)
         self.dist = init_distributed(self.device)
         if self.dist.enabled and self.device.startswith("cuda"):
@@ -137,8 +138,8 @@ class Trainer:
             "counters": dict(self.counters), "bad_examples": self.bad_examples[:20], "rng": ckpt.rng_state(),
         }
 
-    def _restore(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)
+    def _restore(self, path: Path, state: dict | None = None) -> None:
+        state = ckpt.load_checkpoint(path) if state is None else state
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -189,23 +190,32 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg
+        # before the slow build: a run folder holding another run stops the run (or is cleared with
+        # overwrite), a damaged checkpoint is named; rank 0 alone touches files, all ranks fail alike
+        ckpt.on_main(lambda: ckpt.prepare_run_folder(self.out, self.resume, self.overwrite), self.dist.is_main)
+        resume_path, state = ckpt.resume_state(self.resume, self.ckpt_dir, self.dist.is_main)
         self._build()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        resume_path = ckpt.resolve_resume(self.resume, self.ckpt_dir)
         if resume_path is not None:
-            self._restore(resume_path)
+            try:
+                self._restore(resume_path, state)
+            except (RuntimeError, ValueError, KeyError) as err:  # state of another model / optimizer
+                detail = " ".join(str(err).split())
+                raise ckpt.CheckpointError(f"checkpoint {resume_path} does not fit this run's config: "
+                                           + (detail[:300] + " ..." if len(detail) > 300 else detail)) from err
             if self.dist.is_main:
                 print(f"resumed from {resume_path} at step {self.step}")
-        logger = MetricLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.run.tensorboard)
+        start = self.step
+        logger = MetricLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.run.tensorboard, start_step=start)
         batches = self._batches()
         accum = cfg.optim.accum_steps
         end = cfg.optim.steps if cfg.run.max_steps_this_run is None else min(
             cfg.optim.steps, self.step + cfg.run.max_steps_this_run)
         global_batch = cfg.optim.batch_size * accum * self.dist.world_size
         progress = logger.progress(total=cfg.optim.steps, initial=self.step, disable=not cfg.run.progress)
-        last = {}
+        last = dict(logger.last_row or {})  # stands when nothing is left to train
         self.model.train()
         t0, samples_since = time.perf_counter(), 0
         while self.step < end:
@@ -261,7 +271,8 @@ class Trainer:
         if self.dist.is_main and self.step >= cfg.optim.steps:
             save_model(self.model, self.out / "model", extra={"train_config": cfg.to_dict()})
         barrier()
-        return {"step": self.step, "last": last, "counters": dict(self.counters), "out": str(self.out)}
+        return {"step": self.step, "last": last, "counters": dict(self.counters), "out": str(self.out),
+                "trained_steps": self.step - start}
 
     def _account(self, batch) -> None:
         n = len(batch["index"]) + len(batch["bad"])
@@ -281,8 +292,10 @@ class Trainer:
         barrier()
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> dict:
-    return Trainer(cfg, resume).train()
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
+    """``resume``: None (a new run; run.out must not hold another run), ``latest`` or a checkpoint path.
+    ``overwrite``: delete the run already in run.out (checkpoints, metrics, TensorBoard, model) first."""
+    return Trainer(cfg, resume, overwrite).train()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
