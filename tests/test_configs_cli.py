@@ -1,4 +1,4 @@
-"""Shipped training configs load; the CLI lists its commands; the demo's quick mode runs end to end."""
+"""Shipped configs (baselines, demo variants) load; the CLI lists its commands; the quick demo runs end to end."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,31 @@ def test_shipped_config_loads(path):
         assert cfg.loss.fused_weight == 0.5
     if path.stem == "holistic_mlp":
         assert cfg.model.encoder == "mlp"
+
+
+def test_demo_variants_are_yaml_files_that_differ_only_in_the_variant_keys(tmp_path, monkeypatch):
+    from holiclip import demo
+
+    monkeypatch.chdir(tmp_path)  # found from the package, whatever the working directory
+    demo.load_variant.cache_clear()
+    folder = Path(__file__).parent.parent / "configs" / "demo"
+    assert sorted(demo.VARIANTS) == sorted(p.stem for p in folder.glob("*.yaml"))
+    flat = {}
+    for name in demo.VARIANTS:
+        variant = demo.load_variant(name)
+        assert variant.config == folder / f"{name}.yaml" and variant.label
+        cfg = load_config(variant.config)  # standalone; the demo: section is no training setting
+        flat[name] = {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
+        quick = demo.variant_config(demo.MODES["quick"], name, tmp_path, tmp_path / name, 1, tmp_path)
+        assert (quick.optim.steps, quick.optim.batch_size, quick.run.seed) == (4, 8, 1)
+        assert quick.data.train == str(tmp_path / "train.jsonl")
+        assert {k: v for k, v in flat[name].items() if not k.startswith(("optim.", "run.", "data.train"))} == {
+            f"{s}.{k}": v for s, section in quick.to_dict().items() for k, v in section.items()
+            if not f"{s}.{k}".startswith(("optim.", "run.", "data.train"))}
+    differing = {k for k in flat["clip"] if len({json.dumps(f[k]) for f in flat.values()}) > 1}
+    assert differing == {"model.encoder", "model.branches", "data.slots", "loss.fused_weight", "run.out"}
+    assert [len(load_config(folder / f"{n}.yaml").branches) for n in demo.VARIANTS] == [1, 1, 5, 5, 5]
+    assert [demo.load_variant(n).ours for n in demo.VARIANTS] == [False, False, False, False, True]
 
 
 def test_cli_lists_commands():

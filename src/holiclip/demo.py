@@ -1,7 +1,8 @@
 """The side-by-side run behind ``make demo``: CLIP vs O2M vs Holistic CLIP on the built-in
 emoji benchmark, same images, steps and batch size for every variant.
 
-Variants are training configurations (PAPER.md section 5's comparison):
+Variants are training configurations, one YAML file each in ``configs/demo/`` (PAPER.md
+section 5's comparison); a mode (quick / default / full) sets their schedule and seeds:
   clip             H = 1, trained on the web caption only
   o2m              H = 1, all text slots (one-to-many)
   holistic_cls     H = M, Psi_CLS, the paper's M2M loss
@@ -10,6 +11,7 @@ Variants are training configurations (PAPER.md section 5's comparison):
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -20,36 +22,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .data.emoji import build as emoji
 from .demo_report import HEADLINE, write_report  # noqa: F401  (HEADLINE: the report's metric keys)
 from .evaluation.emoji_bench import evaluate_emoji
 from .evaluation.report import write_json
 from .models.registry import load_model
-from .training.config import load_config
+from .training.config import TrainConfig, load_config
 from .training.trainer import read_metrics, train
 
 SLOTS = ["web", "detail", "nouns", "background", "main"]
 
 
+# The variants' YAML files live in the source tree (a checkout or `pip install -e .`).
+VARIANT_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+VARIANTS = ("clip", "o2m", "holistic_cls", "holistic_mlp", "holistic_hybrid")
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
+    config: Path  # the training recipe; its `demo:` section (ignored by training) gives the label
     label: str
-    overrides: tuple[str, ...]
     ours: bool = False  # beyond the paper
 
 
-VARIANTS = {
-    v.name: v for v in [
-        Variant("clip", "CLIP (web text only)", ("model.branches=[global]", "data.slots=[web]")),
-        Variant("o2m", "O2M (H=1, all texts)", ("model.branches=[global]",)),
-        Variant("holistic_cls", "Holistic Psi_CLS (M2M)", ("model.encoder=cls",)),
-        Variant("holistic_mlp", "Holistic Psi_MLP (M2M)", ("model.encoder=mlp",)),
-        Variant("holistic_hybrid", "Holistic hybrid, fused_weight 0.5 (ours)",
-                ("model.encoder=cls", "loss.fused_weight=0.5"), ours=True),
-    ]
-}
+@functools.cache
+def load_variant(name: str) -> Variant:
+    path = VARIANT_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"demo variant config {path} not found: the demo runs from a source checkout "
+                         "or an editable install (pip install -e .)")
+    meta = (yaml.safe_load(path.read_text()) or {}).get("demo")
+    if not (isinstance(meta, dict) and set(meta) <= {"label", "beyond_paper"} and isinstance(meta.get("label"), str)
+            and isinstance(meta.get("beyond_paper", False), bool)):
+        raise ValueError(f"{path}: needs a section demo: {{label: <text>, beyond_paper: true|false}}, got {meta!r}")
+    return Variant(name, path, meta["label"], meta.get("beyond_paper", False))
 
 
 @dataclass(frozen=True)
@@ -59,10 +68,7 @@ class Mode:
     steps: int
     batch_size: int
     seeds: tuple[int, ...]
-    model: str = "holi-small-minilm"
-    lr: float = 1e-3
     warmup: int = 50
-    mlp_layers: int = 1
     eval_limit: int | None = None
     extra: tuple[str, ...] = field(default_factory=tuple)
 
@@ -75,21 +81,23 @@ MODES = {
 }
 
 
-def train_overrides(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, cache_dir: Path) -> list[str]:
+def train_overrides(mode: Mode, data: Path, out: Path, seed: int, cache_dir: Path) -> list[str]:
+    """Set on top of every variant's YAML: the mode's schedule (the same for all), paths and seed."""
     return [
-        f"model.name={mode.model}", "model.lock_text=true", f"model.mlp_layers={mode.mlp_layers}",
-        f"data.train={data / 'train.jsonl'}", f"data.slots=[{','.join(SLOTS)}]", "data.cache_images=true",
-        f"optim.steps={mode.steps}", f"optim.batch_size={mode.batch_size}", f"optim.lr={mode.lr}",
-        f"optim.warmup_steps={mode.warmup}", "optim.weight_decay=0.1",
-        f"run.out={out}", f"run.seed={seed}", "run.log_every=10", f"run.save_every={max(50, mode.steps // 4)}",
-        f"run.cache_dir={cache_dir}", "run.tensorboard=false", *mode.extra, *variant.overrides,
+        f"data.train={data / 'train.jsonl'}", f"optim.steps={mode.steps}", f"optim.batch_size={mode.batch_size}",
+        f"optim.warmup_steps={mode.warmup}", f"run.out={out}", f"run.seed={seed}",
+        f"run.save_every={max(50, mode.steps // 4)}", f"run.cache_dir={cache_dir}", *mode.extra,
     ]
+
+
+def variant_config(mode: Mode, name: str, data: Path, out: Path, seed: int, cache_dir: Path) -> TrainConfig:
+    return load_config(load_variant(name).config, train_overrides(mode, data, out, seed, cache_dir))
 
 
 def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, cache_dir: Path, log) -> dict:
     """Trains (or resumes / reuses a finished run) then evaluates one variant and seed."""
     run_dir = out / variant.name / f"seed{seed}"
-    cfg = load_config(None, train_overrides(mode, variant, data, run_dir, seed, cache_dir))
+    cfg = variant_config(mode, variant.name, data, run_dir, seed, cache_dir)
     done = run_dir / "model" / "holiclip_config.json"
     train_s = None
     if done.exists() and _same_run(json.loads(done.read_text()).get("train_config"), cfg.to_dict()):
@@ -125,7 +133,7 @@ def _variant_job(args: tuple) -> tuple[str, int, dict]:
     """One (variant, seed) in a worker process with its own thread budget."""
     mode, name, data, out, seed, cache_dir, threads = args
     torch.set_num_threads(threads)
-    return name, seed, run_variant(mode, VARIANTS[name], data, out, seed, cache_dir, print)
+    return name, seed, run_variant(mode, load_variant(name), data, out, seed, cache_dir, print)
 
 
 def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Path, jobs: int, log) -> dict:
@@ -135,7 +143,7 @@ def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Pat
     cpus = os.cpu_count() or 1
     work = [(name, seed) for seed in mode.seeds for name in names]
     if jobs <= 1 or len(work) == 1:
-        return {(n, s): run_variant(mode, VARIANTS[n], data, out, s, cache_dir, log) for n, s in work}
+        return {(n, s): run_variant(mode, load_variant(n), data, out, s, cache_dir, log) for n, s in work}
     per_job = max(1, cpus // jobs)
     paired = len(work) - len(work) % jobs
     args = [(mode, n, data, out, s, cache_dir, per_job if i < paired else cpus) for i, (n, s) in enumerate(work)]
@@ -146,18 +154,18 @@ def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Pat
     return results
 
 
-def warm_text_cache(mode: Mode, data: Path, cache_dir: Path, log) -> None:
+def warm_text_cache(model_name: str, data: Path, cache_dir: Path, log) -> None:
     """Caches the frozen text trunk's features of every training text once, before workers start."""
     from .data.loader import load_manifest, unique_texts
     from .models.registry import create_model, get_tokenizer
     from .training.text_cache import build_text_cache
 
-    model = create_model(mode.model, branches=["global"], lock_text=True)
+    model = create_model(model_name, branches=["global"], lock_text=True)
     if not model.text_trunk_frozen():
         return
     texts = unique_texts(load_manifest(data / "train.jsonl", SLOTS))
     log(f"text features: {len(texts)} unique training texts")
-    build_text_cache(model, get_tokenizer(mode.model), texts, cache_dir, "cpu")
+    build_text_cache(model, get_tokenizer(model_name), texts, cache_dir, "cpu")
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -194,6 +202,9 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    # each variant's config (its YAML + this mode) is checked before the data build and any training;
+    # the paths here are placeholders
+    models = sorted({variant_config(mode, n, Path("."), Path(out), 0, Path(".")).model.name for n in names})
     out = Path(out)
     cache_dir = Path(".cache/holiclip")
     t_start = time.perf_counter()
@@ -205,15 +216,19 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
         log(f"building / reusing the emoji benchmark ({mode.preset}) in {data}")
         emoji.build(data, emoji.preset(mode.preset))
     data_s = time.perf_counter() - t0
-    warm_text_cache(mode, data, cache_dir, log)
+    for model_name in models:
+        warm_text_cache(model_name, data, cache_dir, log)
     runs = run_jobs(mode, names, data, out, cache_dir, jobs, log)
     results = {}
     for name in names:
         per_seed = [runs[(name, s)] for s in mode.seeds]
-        results[name] = {"label": VARIANTS[name].label, "beyond_paper": VARIANTS[name].ours, **aggregate(per_seed)}
+        v = load_variant(name)
+        results[name] = {"label": v.label, "beyond_paper": v.ours, **aggregate(per_seed)}
     summary = {
         "variants": results,
-        "config": {**asdict(mode), "jobs": jobs, "slots": SLOTS, "data": str(data), "data_meta": _meta(data)},
+        "config": {**asdict(mode), "model": ", ".join(models),
+                   "variant_configs": {n: str(load_variant(n).config) for n in names},
+                   "jobs": jobs, "slots": SLOTS, "data": str(data), "data_meta": _meta(data)},
         "timing": {"data_seconds": data_s, "total_seconds": time.perf_counter() - t_start},
     }
     write_report(summary, out)
