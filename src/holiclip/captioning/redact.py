@@ -29,15 +29,18 @@ _FIELD = re.compile(
 )
 # A bearer token anywhere else (h11's "Illegal header value b'Bearer x'", logs).
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
+# The password of a URL (https://user:password@host/...).
+_URL_PASSWORD = re.compile(r"(://[^\s/:@]*:)(?!\[REDACTED\]@)[^\s/@]+@")
 
 
 def redact(text: str, secrets: Iterable[str] = (), *, patterns: bool = True) -> str:
     """``text`` with each secret value (8+ characters) and, unless ``patterns`` is false,
-    every credential header / parameter value and bearer token replaced by ``[REDACTED]``."""
+    every credential header / parameter value, bearer token and URL password replaced by ``[REDACTED]``."""
     for s in secrets:
         if s and len(s) >= MIN_SECRET_LEN:
             text = text.replace(s, REDACTED)
     if patterns:
         text = _FIELD.sub(lambda m: f"{m[1]}{m[2]}{m[3] or ''}{REDACTED}", text)
         text = _BEARER.sub(lambda m: f"{m[1]}{REDACTED}", text)
+        text = _URL_PASSWORD.sub(lambda m: f"{m[1]}{REDACTED}@", text)
     return text

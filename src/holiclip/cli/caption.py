@@ -18,6 +18,7 @@ from holiclip.captioning.perspectives import DEFAULT_PERSPECTIVES
 app = typer.Typer(
     invoke_without_command=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,  # a traceback's locals could show the API key
     help="Caption images from several perspectives with VLMs (resumable), then merge / stats.",
 )
 
@@ -61,7 +62,7 @@ def caption(
     perspectives_file: Optional[Path] = typer.Option(None, "--perspectives-file", help="YAML with extra/overriding prompts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (captions.jsonl, failures.jsonl)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible base URL (…/v1); default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never logged)."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (redacted from all output; a 401/403 answer stops the run)."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Requests (openai) or batches (hf) in flight. Default 16 / 1."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Requests per backend call. Default openai 1, hf 8."),
     max_new_tokens: int = typer.Option(77, "--max-new-tokens", min=1),

@@ -22,6 +22,7 @@ import email.utils
 import io
 import os
 import random
+import re
 import time
 from typing import Sequence
 
@@ -122,6 +123,10 @@ class OpenAIBackend:
         self.extra_body = dict(extra_body or {})
         self.retries = 0  # how many retries happened (progress bar / stats)
         self.api_key_env = api_key_env
+        if api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+            # Most likely the key itself was passed: never repeat the value.
+            raise ValueError("--api-key-env takes the name of an environment variable (letters, digits "
+                             "and _, e.g. OPENAI_API_KEY), not the key: export the key in that variable")
         headers = {"Content-Type": "application/json"}
         # Surrounding whitespace is never part of a key (a CRLF .env file leaves a "\r").
         key = (os.environ.get(api_key_env) or "").strip() if api_key_env else ""
