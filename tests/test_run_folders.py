@@ -211,4 +211,27 @@ def test_torchrun_ranks_all_stop_on_a_used_run_folder(base, tmp_path):
 def test_checkpoint_of_another_model_is_named(base, tmp_path):
     run = copy_run(base, tmp_path)
     with pytest.raises(CheckpointError, match=re.escape(str(ckpt(run, 4))) + " does not fit this run's config"):
+        train(cfg(base, run, "model.encoder=mlp"), resume=str(ckpt(run, 4)))  # explicit: settings may differ
+    with pytest.raises(RunFolderError, match="model.encoder: 'cls' -> 'mlp'"):  # latest: refused before loading
         train(cfg(base, run, "model.encoder=mlp"), resume="latest")
+
+
+def test_resume_latest_with_other_training_settings_stops_and_names_them(base, tmp_path, capsys):
+    run = copy_run(base, tmp_path)
+    before = snapshot(run)
+    with pytest.raises(RunFolderError) as err:
+        train(cfg(base, run, "optim.lr=2e-3", "data.augment=false"), resume="latest")
+    message = str(err.value)
+    assert "optim.lr: 0.001 -> 0.002" in message and "data.augment: True -> False" in message
+    assert "--overwrite" in message
+    assert snapshot(run) == before
+    # settings that do not change what is trained may change
+    result = train(cfg(base, run, "run.log_every=2", "run.save_every=5", "data.workers=0"), resume="latest")
+    assert result["step"] == 6
+
+
+def test_explicit_checkpoint_with_other_settings_warns_and_trains(base, tmp_path, capsys):
+    start = list_checkpoints(base / "part" / "checkpoints")[-1]
+    result = train(cfg(base, tmp_path / "finetune", "optim.lr=2e-3"), resume=str(start))
+    assert result["step"] == 6
+    assert "optim.lr: 0.001 -> 0.002" in capsys.readouterr().err

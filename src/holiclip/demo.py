@@ -29,6 +29,7 @@ from .demo_report import HEADLINE, write_report  # noqa: F401  (HEADLINE: the re
 from .evaluation.emoji_bench import evaluate_emoji
 from .evaluation.report import write_json
 from .models.registry import load_model
+from .training.checkpoint import RunFolderError
 from .training.config import TrainConfig, load_config
 from .training.trainer import read_metrics, train
 
@@ -105,7 +106,11 @@ def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, 
     else:
         log(f"[{variant.name} seed {seed}] training {mode.steps} steps x {mode.batch_size} images")
         t0 = time.perf_counter()
-        train(cfg, resume="latest")
+        try:
+            train(cfg, resume="latest")
+        except RunFolderError as err:  # the demo's own folder holds a run with other settings
+            log(f"[{variant.name} seed {seed}] starting over: {str(err).splitlines()[0]}")
+            train(cfg, overwrite=True)
         train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     eval_file = run_dir / "eval.json"

@@ -5,7 +5,9 @@ import importlib
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Holistic CLIP: train, caption, evaluate, demo.")
+# no local variables in an unexpected traceback: they can hold an API key
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Holistic CLIP: train, caption, evaluate, demo.")
 
 # (module, attribute, name, help); a group module exposes a typer.Typer named `app`,
 # a single command module a function. Missing modules are skipped so that a partial

@@ -28,7 +28,7 @@ class RunFolderError(ValueError):
     """run.out holds a run that the new one would be mixed with."""
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -111,7 +111,7 @@ def _set_aside(path: Path, suffix: str) -> Path:
 
 
 def find_resume(resume: str | None, directory: Path,
-                warn: Callable[[str], None] = _warn) -> tuple[Path | None, dict | None]:
+                warn: Callable[[str], None] = warn) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from and its state, (None, None) for a fresh start.
 
     ``latest``: the newest readable checkpoint in ``directory``; damaged newer ones are named and set
@@ -182,7 +182,49 @@ def resume_state(resume: str | None, directory: Path, is_main: bool) -> tuple[Pa
     return path, loaded["state"] if is_main else load_checkpoint(path)
 
 
-def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, warn: Callable[[str], None] = _warn) -> None:
+# settings that change how a run is watched or stored, not what it trains: free to change on resume
+OPERATIONAL_KEYS = frozenset({
+    "run.out", "run.progress", "run.tensorboard", "run.log_every", "run.save_every", "run.keep_checkpoints",
+    "run.max_steps_this_run", "run.cache_dir", "run.device", "data.workers",
+})
+
+
+# a longer or shorter run of the same training (the schedule is re-stretched): listed, not refused
+EXTENDABLE_KEYS = ("optim.steps:",)
+
+
+def config_changes(saved: dict | None, current: dict) -> list[str]:
+    """``key: old -> new`` for each training setting that differs from the checkpoint's."""
+    if not saved:  # a checkpoint written before configs were stored in it
+        return []
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            name = f"{section}.{key}"
+            if name not in OPERATIONAL_KEYS and old.get(key) != new.get(key):
+                changes.append(f"{name}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def check_resume_config(path: Path, saved: dict | None, current: dict, resume: str | None,
+                        warn: Callable[[str], None] = warn) -> None:
+    """``--resume latest`` continues the run in the folder: other training settings would silently
+    mix two runs, so they stop the run. An explicit checkpoint path is a deliberate start from
+    those weights: the changes are listed and the run goes on."""
+    changes = config_changes(saved, current)
+    if not changes:
+        return
+    listing = "\n  ".join(changes)
+    if resume == "latest" and not all(c.startswith(EXTENDABLE_KEYS) for c in changes):
+        raise RunFolderError(
+            f"the run in {path.parent.parent} was trained with other settings than this one:\n  {listing}\n"
+            "resume it with its own settings (see its config.yaml), start over with --overwrite, "
+            f"or start from this checkpoint in a new run.out with --resume {path}")
+    warn(f"warning: resuming from {path}, trained with other settings:\n  {listing}")
+
+
+def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, warn: Callable[[str], None] = warn) -> None:
     """Stops a run that would mix with the run already in ``out``; with ``overwrite`` deletes that run's
     outputs (RUN_OUTPUTS) first. Run on rank 0 only."""
     out = Path(out)

@@ -136,6 +136,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "counters": dict(self.counters), "bad_examples": self.bad_examples[:20], "rng": ckpt.rng_state(),
+            "config": self.cfg.to_dict(),  # a resume with other training settings is caught
         }
 
     def _restore(self, path: Path, state: dict | None = None) -> None:
@@ -194,6 +195,9 @@ class Trainer:
         # overwrite), a damaged checkpoint is named; rank 0 alone touches files, all ranks fail alike
         ckpt.on_main(lambda: ckpt.prepare_run_folder(self.out, self.resume, self.overwrite), self.dist.is_main)
         resume_path, state = ckpt.resume_state(self.resume, self.ckpt_dir, self.dist.is_main)
+        if resume_path is not None:
+            ckpt.check_resume_config(resume_path, state.get("config"), cfg.to_dict(), self.resume,
+                                     warn=ckpt.warn if self.dist.is_main else lambda _: None)
         self._build()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
