@@ -1,7 +1,7 @@
-"""Throughput of `holiclip caption --backend openai` against a loopback server with a fixed
+"""Throughput of `holiclip caption run --backend openai` against a loopback server with a fixed
 per-request latency, at concurrency 1 / 8 / 32: shows that the requests really overlap.
 
-The server runs in its own process (python -m holiclip.captioning.loopback) so that its
+The server (tests/captioning/loopback.py) runs in its own process so that its
 threads do not share the client's interpreter lock. Each row runs the full resumable
 pipeline (image reads, base64, HTTP, JSONL writes) on a fresh output folder.
 
@@ -17,11 +17,12 @@ from pathlib import Path
 
 from PIL import Image
 
-import holiclip  # noqa: F401  (package shims first)
 from holiclip.captioning.backends.openai import OpenAIBackend
 from holiclip.captioning.perspectives import resolve_perspectives
 from holiclip.captioning.pipeline import run_captioning
 from holiclip.captioning.sources import ImageSource
+
+LOOPBACK = Path(__file__).resolve().parents[1] / "tests" / "captioning" / "loopback.py"
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    server = subprocess.Popen([sys.executable, "-m", "holiclip.captioning.loopback", "--latency", str(args.latency),
+    server = subprocess.Popen([sys.executable, str(LOOPBACK), "--latency", str(args.latency),
                                "--lifetime", "600"], stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline().split()[1])

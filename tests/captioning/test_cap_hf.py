@@ -62,7 +62,7 @@ def tiny(tmp_path_factory):
 def test_cli_hf_backend_end_to_end(tiny, tmp_path: Path):
     _, _, folder = tiny
     make_images(tmp_path / "imgs", 5, size=40)
-    res = CliRunner().invoke(app, ["--images", str(tmp_path / "imgs"), "--backend", "hf", "--model", str(folder),
+    res = CliRunner().invoke(app, ["run", "--images", str(tmp_path / "imgs"), "--backend", "hf", "--model", str(folder),
                                    "--device", "cpu", "--batch-size", "4", "--perspectives", "detail,background",
                                    "--max-new-tokens", "6", "--out", str(tmp_path / "out"), "--no-progress"])
     assert res.exit_code == 0, res.output
@@ -75,7 +75,7 @@ def test_cli_hf_backend_end_to_end(tiny, tmp_path: Path):
         assert len(r["text"].split()) <= 6
     assert any(r["text"] for r in rows)
     # resumable like every backend
-    res = CliRunner().invoke(app, ["--images", str(tmp_path / "imgs"), "--backend", "hf", "--model", str(folder),
+    res = CliRunner().invoke(app, ["run", "--images", str(tmp_path / "imgs"), "--backend", "hf", "--model", str(folder),
                                    "--device", "cpu", "--perspectives", "detail,background", "--out",
                                    str(tmp_path / "out"), "--no-progress"])
     assert res.exit_code == 0 and "0 rows written" in res.output

@@ -7,17 +7,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from holiclip.captioning.loopback import LoopbackServer, expected_text
-
 from cap_helpers import make_images, read_jsonl
+from loopback import LoopbackServer, expected_text
 
 N_IMAGES, PERSP = 40, ("detail", "style")
 
 
 def _cmd(url: str, tmp_path: Path) -> list[str]:
-    return [sys.executable, "-m", "holiclip.cli.caption", "--images", str(tmp_path / "imgs"), "--backend", "openai",
-            "--model", "fake-vlm", "--base-url", url, "--perspectives", ",".join(PERSP), "--out", str(tmp_path / "out"),
-            "--concurrency", "2", "--no-progress"]
+    return [sys.executable, "-m", "holiclip.cli.caption", "run", "--images", str(tmp_path / "imgs"),
+            "--backend", "openai", "--model", "fake-vlm", "--base-url", url, "--perspectives", ",".join(PERSP),
+            "--out", str(tmp_path / "out"), "--concurrency", "2", "--no-progress"]
 
 
 def test_sigkill_midway_then_rerun_is_complete_without_duplicates(tmp_path: Path):

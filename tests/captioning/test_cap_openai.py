@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from holiclip.captioning.backends.openai import OpenAIBackend, backoff_delay, parse_retry_after
-from holiclip.captioning.loopback import Faults, LoopbackServer, expected_text
 from holiclip.captioning.perspectives import PAPER_PERSPECTIVES, resolve_perspectives
 from holiclip.captioning.pipeline import RunAborted, run_captioning
 from holiclip.captioning.sources import ImageSource
 
 from cap_helpers import make_images, read_jsonl
+from loopback import Faults, LoopbackServer, expected_text
 
 PERSP = "detail,background,main"
 

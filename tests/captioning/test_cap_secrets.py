@@ -11,13 +11,13 @@ import pytest
 
 from holiclip.captioning.backends import CaptionRequest, CaptionResult
 from holiclip.captioning.backends.openai import OpenAIBackend
-from holiclip.captioning.loopback import LoopbackServer
 from holiclip.captioning.perspectives import resolve_perspectives
 from holiclip.captioning.pipeline import RunAborted, run_captioning
 from holiclip.captioning.redact import REDACTED, redact
 from holiclip.captioning.sources import ImageSource
 
 from cap_helpers import make_images, read_jsonl
+from loopback import LoopbackServer
 
 SECRET = "sk-test-" + "Zq9s3cr3tK3y" * 3
 ENV = "HOLI_CAPTION_TEST_KEY"
@@ -31,7 +31,7 @@ def _env(key: str | None) -> dict:
 
 
 def _cli(url: str, imgs: Path, out: Path, key: str | None, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "holiclip.cli.caption", "--images", str(imgs), "--backend", "openai",
+    cmd = [sys.executable, "-m", "holiclip.cli.caption", "run", "--images", str(imgs), "--backend", "openai",
            "--model", "fake-vlm", "--base-url", url, "--api-key-env", ENV, "--out", str(out), *extra]
     return subprocess.run(cmd, env=_env(key), capture_output=True, text=True, timeout=240)
 

@@ -1,6 +1,6 @@
 """The append-only ``captions*.jsonl`` files: crash-safe writing and tolerant reading.
 
-Guarantees (what ``holiclip caption`` promises about a hard kill):
+Guarantees (what ``holiclip caption run`` promises about a hard kill):
 - each row is written with ``os.write`` on an ``O_APPEND`` descriptor as one complete line,
   bypassing Python's buffer (a buffered writer may flush half a long line);
 - at start the writer truncates a final torn line (a kill in the middle of a write) from the
@@ -26,8 +26,6 @@ try:  # POSIX only; elsewhere the same-file guard is skipped
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
-
-ROW_FIELDS = ("image", "perspective", "model", "prompt", "text", "finish_reason")
 
 
 def caption_file_name(shard: tuple[int, int] = (0, 1)) -> str:

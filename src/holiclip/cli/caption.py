@@ -1,10 +1,12 @@
-"""``holiclip caption``: multi-perspective captioning, ``merge`` and ``stats``.
+"""``holiclip caption``: multi-perspective captioning (``run``), ``merge`` and ``stats``.
 
-    holiclip caption --images SRC --backend openai|hf|scene --model NAME --out DIR ...
+    holiclip caption run --images SRC --backend openai|hf|scene --model NAME --out DIR ...
     holiclip caption merge DIR [DIR...] --out train.jsonl [--web-captions FILE] ...
     holiclip caption stats DIR|JSONL [...]
 
 Also runnable as ``python -m holiclip.cli.caption`` (and so under ``torchrun``).
+Heavy imports (torch, transformers) happen inside the commands that need them, so that the
+openai backend and ``--help`` start fast.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import typer
 from holiclip.captioning.perspectives import DEFAULT_PERSPECTIVES
 
 app = typer.Typer(
-    invoke_without_command=True,
+    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # a traceback's locals could show the API key
     help="Caption images from several perspectives with VLMs (resumable), then merge / stats.",
@@ -52,8 +54,8 @@ def _split(text: str | None) -> list[str]:
     return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
-@app.callback()
-def caption(
+@app.command("run")
+def run_cmd(
     ctx: typer.Context,
     images: Optional[str] = typer.Option(None, "--images", help="Folder of images, text file of paths, JSONL, or webdataset shards (a .tar, a {000..009} pattern, or a folder of .tar)."),
     backend: str = typer.Option("openai", "--backend", help="openai | hf | scene"),
@@ -79,11 +81,9 @@ def caption(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Caption images from several perspectives; re-running the same command resumes."""
-    if ctx.invoked_subcommand is not None:
-        return
     if images is None:
         typer.echo(ctx.get_help())
-        raise _err("--images is required (or use a subcommand: merge, stats)")
+        raise _err("--images is required")
     if out is None:
         raise _err("--out is required")
     if backend not in _DEFAULTS:
@@ -96,8 +96,6 @@ def caption(
     from holiclip.captioning.pipeline import RunAborted, run_captioning
     from holiclip.captioning.sources import ImageSource
 
-    conc = concurrency or _DEFAULTS[backend][0]
-    bs = batch_size or _DEFAULTS[backend][1]
     try:
         persp = resolve_perspectives(perspectives, perspectives_file)
         source = ImageSource(images, _parse_shard(shard))
@@ -107,9 +105,9 @@ def caption(
         elif backend == "hf":
             opts = dict(device=device, dtype=dtype, temperature=temperature, trust_remote_code=trust_remote_code)
         else:
-            index = scene_index or (images if source.kind == "jsonl" else None)
-            opts = dict(index=index)
-        be = make_backend(backend, model or "scene", concurrency=conc, batch_size=bs, **opts)
+            opts = dict(index=scene_index or (images if source.kind == "jsonl" else None))
+        be = make_backend(backend, model or "scene", concurrency=concurrency or _DEFAULTS[backend][0],
+                          batch_size=batch_size or _DEFAULTS[backend][1], **opts)
         stats = run_captioning(source, persp, be, out, max_new_tokens=max_new_tokens, progress=progress,
                                max_consecutive_failures=max_consecutive_failures)
     except RunAborted as err:

@@ -5,7 +5,7 @@ Qwen2-VL / Qwen2.5-VL, InternVL (``-hf`` checkpoints), Gemma 3 and others: the p
 chat template builds each prompt (image part first, then the perspective's prompt), the batch
 is left-padded and decoded greedily by default. Only the newly generated tokens are decoded.
 
-Several GPUs: launch with ``torchrun --nproc-per-node N -m holiclip.cli.caption ...``; each
+Several GPUs: launch with ``torchrun --nproc-per-node N -m holiclip.cli.caption run ...``; each
 rank reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, takes its shard of the images
 and its own GPU (no process group is needed: ranks never talk to each other).
 """
