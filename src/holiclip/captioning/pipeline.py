@@ -64,6 +64,165 @@ def load_done(out_dir: Path, model: str, perspectives: Sequence[Perspective],
     return done
 
 
+class _Run:
+    """One run's shared state; ``produce`` feeds the queue, ``concurrency`` copies of ``work``
+    drain it in batches, and the counters live in ``stats``."""
+
+    def __init__(self, source: ImageSource, perspectives: Sequence[Perspective], backend: Backend,
+                 out_dir: Path, max_new_tokens: int, progress: bool, max_consecutive_failures: int):
+        self.source, self.backend, self.out_dir = source, backend, out_dir
+        self.perspectives = list(perspectives)
+        self.full_mask = (1 << len(self.perspectives)) - 1
+        self.max_new_tokens, self.max_consecutive_failures = max_new_tokens, max_consecutive_failures
+        self.stats = RunStats()
+        self.t0 = time.monotonic()
+        self.writer = CaptionWriter(out_dir / caption_file_name(source.shard))
+        self.stats.output = str(self.writer.path)
+        problems = ReadProblems()
+        if self.writer.dropped_bytes:
+            problems.add(self.writer.path, 0,
+                         f"cut a torn final line ({self.writer.dropped_bytes} bytes) left by a killed run")
+        # `claimed` doubles as the done-set and the "already scheduled" set, so an image listed
+        # twice in the source is still captioned once.
+        self.claimed = load_done(out_dir, backend.model, self.perspectives, problems)
+        self.stats.problems = problems.items
+        for p in problems.items:
+            log.warning("%s", p)
+        self.workers_n = max(1, backend.concurrency)
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=self.workers_n * backend.batch_size * 2)
+        self.remaining: dict[str, int] = {}  # image -> requests still in flight
+        self.failures_log = out_dir / "failures.jsonl"
+        self.consecutive = 0  # failures in a row
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=source.total(), unit="img", file=sys.stderr, dynamic_ncols=True,
+                            smoothing=0.05, desc=f"caption {backend.model}")
+
+    def image_finished(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                fail=self.stats.failures, retries=getattr(self.backend, "retries", 0),
+                req_s=f"{self.stats.requests / max(1e-9, time.monotonic() - self.t0):.1f}", refresh=False)
+
+    def record_failure(self, image: str, perspective: str, error: str) -> None:
+        self.stats.failures += 1
+        self.consecutive += 1
+        append_jsonl(self.failures_log, {"image": image, "perspective": perspective, "model": self.backend.model,
+                                         "error": error, "time": time.time()})
+        if self.consecutive >= self.max_consecutive_failures:
+            raise RunAborted(
+                f"{self.consecutive} failures in a row (last: {error}); stopping. "
+                f"Rows so far are in {self.writer.path}; re-run the same command to resume."
+            )
+
+    async def produce(self) -> None:
+        for item in self.source:
+            self.stats.images += 1
+            mask = self.claimed.get(item.key, 0)
+            todo = [p for k, p in enumerate(self.perspectives) if not mask >> k & 1]
+            if not todo:
+                self.stats.images_skipped += 1
+                self.image_finished()
+                continue
+            self.claimed[item.key] = self.full_mask
+            data, mime = b"", ""
+            if self.backend.needs_image_bytes:
+                try:
+                    data = await asyncio.to_thread(item.load)
+                    mime = guess_mime(data, item.ext)
+                except OSError as err:
+                    for p in todo:
+                        self.record_failure(item.key, p.name, f"cannot read image: {err}")
+                    self.image_finished()
+                    continue
+            self.remaining[item.key] = len(todo)
+            for p in todo:
+                await self.queue.put(CaptionRequest(item.key, data, mime, p.name, p.prompt,
+                                                    p.max_new_tokens or self.max_new_tokens))
+
+    async def next_batch(self) -> tuple[list[CaptionRequest], bool]:
+        """Waits for one request, adds what is already queued up to ``batch_size``; the flag
+        says a stop signal came (finish this batch, then stop). An empty batch: stop now."""
+        req = await self.queue.get()
+        if req is None:
+            return [], True
+        batch = [req]
+        while len(batch) < self.backend.batch_size:
+            try:
+                nxt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
+
+    def record_results(self, batch: list[CaptionRequest], results: list) -> None:
+        fatal = None
+        for r, res in zip(batch, results):
+            if isinstance(res, CaptionFatalError):
+                # Not the image's fault: no failure row; the rest of the batch is still kept.
+                fatal = fatal or res
+                continue
+            if isinstance(res, CaptionResult):
+                self.consecutive = 0
+                self.writer.write({"image": r.image, "perspective": r.perspective, "model": self.backend.model,
+                                   "prompt": r.prompt, "text": res.text, "finish_reason": res.finish_reason})
+                self.stats.rows_written += 1
+            else:
+                self.record_failure(r.image, r.perspective, f"{type(res).__name__}: {res}")
+            self.remaining[r.image] -= 1
+            if self.remaining[r.image] == 0:
+                del self.remaining[r.image]
+                self.image_finished()
+        if fatal is not None:
+            raise RunAborted(
+                f"{fatal}. Stopped: no request is sent after that answer. Rows so far are in "
+                f"{self.writer.path}; once that is fixed, re-run the same command to resume."
+            )
+
+    async def work(self) -> None:
+        while True:
+            batch, last = await self.next_batch()
+            if batch:
+                self.stats.requests += len(batch)
+                self.record_results(batch, await self.backend.generate(batch))
+            if last:
+                return
+
+    async def run(self) -> RunStats:
+        workers = [asyncio.create_task(self.work()) for _ in range(self.workers_n)]
+        producer = asyncio.create_task(self.produce())
+        try:
+            # Whichever fails first (source error, RunAborted) stops everything; workers only
+            # end early by failing, so watch them while the producer runs.
+            pending = await _watch({producer, *workers}, until=[producer])
+
+            async def stop_workers() -> None:  # producer finished cleanly: one stop signal each
+                for _ in workers:
+                    await self.queue.put(None)
+
+            stopper = asyncio.create_task(stop_workers())
+            try:
+                await _watch(pending | {stopper}, until=workers)
+            finally:
+                stopper.cancel()
+        finally:
+            for t in (producer, *workers):
+                t.cancel()
+            await asyncio.gather(producer, *workers, return_exceptions=True)
+            self.writer.close()
+            await self.backend.aclose()
+            if self.bar is not None:
+                self.bar.close()
+            self.stats.retries = getattr(self.backend, "retries", 0)
+            self.stats.seconds = time.monotonic() - self.t0
+        return self.stats
+
+
 async def run_captioning_async(
     source: ImageSource,
     perspectives: Sequence[Perspective],
@@ -74,150 +233,8 @@ async def run_captioning_async(
     progress: bool = True,
     max_consecutive_failures: int = 100,
 ) -> RunStats:
-    out_dir = Path(out_dir)
-    perspectives = list(perspectives)
-    full_mask = (1 << len(perspectives)) - 1
-    stats = RunStats()
-    t0 = time.monotonic()
-    writer = CaptionWriter(out_dir / caption_file_name(source.shard))
-    stats.output = str(writer.path)
-    problems = ReadProblems()
-    if writer.dropped_bytes:
-        problems.add(writer.path, 0, f"cut a torn final line ({writer.dropped_bytes} bytes) left by a killed run")
-    # `claimed` doubles as the done-set and the "already scheduled" set, so an image listed
-    # twice in the source is still captioned once.
-    claimed = load_done(out_dir, backend.model, perspectives, problems)
-    stats.problems = problems.items
-    for p in problems.items:
-        log.warning("%s", p)
-
-    workers_n = max(1, backend.concurrency)
-    queue: asyncio.Queue = asyncio.Queue(maxsize=workers_n * backend.batch_size * 2)
-    remaining: dict[str, int] = {}  # image -> requests still in flight
-    failures_log = out_dir / "failures.jsonl"
-    consecutive = 0
-    total = source.total() if progress else None
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
-                   desc=f"caption {backend.model}")
-
-    def image_finished() -> None:
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(fail=stats.failures, retries=getattr(backend, "retries", 0),
-                            req_s=f"{stats.requests / max(1e-9, time.monotonic() - t0):.1f}", refresh=False)
-
-    async def produce() -> None:
-        for item in source:
-            stats.images += 1
-            mask = claimed.get(item.key, 0)
-            todo = [p for k, p in enumerate(perspectives) if not mask >> k & 1]
-            if not todo:
-                stats.images_skipped += 1
-                image_finished()
-                continue
-            claimed[item.key] = full_mask
-            data, mime = b"", ""
-            if backend.needs_image_bytes:
-                try:
-                    data = await asyncio.to_thread(item.load)
-                    mime = guess_mime(data, item.ext)
-                except OSError as err:
-                    for p in todo:
-                        record_failure(item.key, p, f"cannot read image: {err}")
-                    image_finished()
-                    continue
-            remaining[item.key] = len(todo)
-            for p in todo:
-                await queue.put(CaptionRequest(item.key, data, mime, p.name, p.prompt,
-                                               p.max_new_tokens or max_new_tokens))
-
-    def record_failure(image: str, perspective: Perspective | str, error: str) -> None:
-        nonlocal consecutive
-        stats.failures += 1
-        consecutive += 1
-        name = perspective if isinstance(perspective, str) else perspective.name
-        append_jsonl(failures_log, {"image": image, "perspective": name, "model": backend.model,
-                                    "error": error, "time": time.time()})
-        if consecutive >= max_consecutive_failures:
-            raise RunAborted(
-                f"{consecutive} failures in a row (last: {error}); stopping. "
-                f"Rows so far are in {writer.path}; re-run the same command to resume."
-            )
-
-    async def work() -> None:
-        nonlocal consecutive
-        while True:
-            req = await queue.get()
-            if req is None:
-                return
-            batch, last = [req], False
-            while len(batch) < backend.batch_size:
-                try:
-                    nxt = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if nxt is None:  # our stop signal: finish this batch, then stop
-                    last = True
-                    break
-                batch.append(nxt)
-            stats.requests += len(batch)
-            results = await backend.generate(batch)
-            fatal = None
-            for r, res in zip(batch, results):
-                if isinstance(res, CaptionFatalError):
-                    # Not the image's fault: no failure row; the rest of the batch is still kept.
-                    fatal = fatal or res
-                    continue
-                if isinstance(res, CaptionResult):
-                    consecutive = 0
-                    writer.write({"image": r.image, "perspective": r.perspective, "model": backend.model,
-                                  "prompt": r.prompt, "text": res.text, "finish_reason": res.finish_reason})
-                    stats.rows_written += 1
-                else:
-                    record_failure(r.image, r.perspective, f"{type(res).__name__}: {res}")
-                remaining[r.image] -= 1
-                if remaining[r.image] == 0:
-                    del remaining[r.image]
-                    image_finished()
-            if fatal is not None:
-                raise RunAborted(
-                    f"{fatal}. Stopped: no request is sent after that answer. Rows so far are in "
-                    f"{writer.path}; once that is fixed, re-run the same command to resume."
-                )
-            if last:
-                return
-
-    workers = [asyncio.create_task(work()) for _ in range(workers_n)]
-    producer = asyncio.create_task(produce())
-    try:
-        # Whichever fails first (source error, RunAborted) stops everything; workers only
-        # end early by failing, so watch them while the producer runs.
-        pending = await _watch({producer, *workers}, until=[producer])
-
-        async def stop_workers() -> None:  # producer finished cleanly: one stop signal each
-            for _ in workers:
-                await queue.put(None)
-
-        stopper = asyncio.create_task(stop_workers())
-        try:
-            await _watch(pending | {stopper}, until=workers)
-        finally:
-            stopper.cancel()
-    finally:
-        for t in (producer, *workers):
-            t.cancel()
-        await asyncio.gather(producer, *workers, return_exceptions=True)
-        writer.close()
-        await backend.aclose()
-        if bar is not None:
-            bar.close()
-        stats.retries = getattr(backend, "retries", 0)
-        stats.seconds = time.monotonic() - t0
-    return stats
+    return await _Run(source, perspectives, backend, Path(out_dir), max_new_tokens, progress,
+                      max_consecutive_failures).run()
 
 
 async def _watch(tasks: set, until: list) -> set:
