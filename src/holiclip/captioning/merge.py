@@ -196,7 +196,22 @@ def merge_captions(
         read_training_jsonl(web_captions, table, list_slots)
     read_inputs(caption_dirs, list_slots, table)
     names = assign_slot_names({k for caps in table.by_image.values() for k in caps}, aliases, model_suffix)
-    available = default_slot_order(names.values())
+    slots = choose_slots(default_slot_order(names.values()), slots, missing)
+    rep = MergeReport(out=str(out), slots=slots, duplicates_ignored=table.duplicates_ignored,
+                      problems=table.problems.items)
+    rows = usable_texts(table, named_captions(table, names), rep, keep_flagged, max_examples)
+    if missing == "error":
+        _refuse_missing(rows, rep, table.origin)
+    _write_rows(Path(out), rows, missing, table.origin, rep)
+    return rep
+
+
+# (image, slot -> usable text, slots it lacks)
+Row = tuple[str, dict[str, str], list[str]]
+
+
+def choose_slots(available: list[str], slots: Sequence[str] | None, missing: str) -> list[str]:
+    """The requested slots (checked against the inputs, duplicates dropped), else all found."""
     if slots:
         unknown = [s for s in slots if s not in available]
         if unknown:
@@ -206,18 +221,18 @@ def merge_captions(
         slots = available
     if missing.startswith("fill:") and missing[5:] not in available:
         raise MergeError(f"--missing {missing}: slot {missing[5:]!r} is not in the inputs ({', '.join(available)})")
+    return list(slots)
 
-    rep = MergeReport(out=str(out), slots=list(slots), duplicates_ignored=table.duplicates_ignored,
-                      problems=table.problems.items)
-    out = Path(out)
-    out_dir = Path(os.path.abspath(out)).parent  # abspath like the image keys (no symlink resolving)
-    per_image = named_captions(table, names)
-    rows: list[tuple[str, dict[str, str], list[str]]] = []
-    first_missing = None
+
+def usable_texts(table: CaptionTable, per_image: Mapping[str, Mapping[str, Caption]], rep: MergeReport,
+                 keep_flagged: bool, max_examples: int) -> list[Row]:
+    """Each image's texts for ``rep.slots`` (empty/refused ones left out unless ``keep_flagged``),
+    sorted by image; counts truncated, flagged and missing texts into ``rep``."""
+    rows: list[Row] = []
     for image in sorted(per_image):
         caps = per_image[image]
         texts: dict[str, str] = {}
-        for slot in slots:
+        for slot in rep.slots:
             c = caps.get(slot)
             if c is None:
                 continue
@@ -228,37 +243,44 @@ def merge_captions(
                 rep.flagged_as_missing[slot] += 1
                 continue
             texts[slot] = c.text
-        lacking = [s for s in slots if s not in texts]
+        lacking = [s for s in rep.slots if s not in texts]
         for s in lacking:
             rep.missing[s] += 1
             if len(rep.missing_examples) < max_examples:
                 rep.missing_examples.append(f"{table.origin[image]}: {image} has no {s!r}")
-        if lacking and first_missing is None:
-            first_missing = (image, lacking[0])
         rows.append((image, texts, lacking))
     rep.images = len(rows)
+    return rows
 
-    if first_missing is not None and missing == "error":
-        image, slot = first_missing
-        n_bad = sum(1 for _, _, lacking in rows if lacking)
-        summary = ", ".join(f"{s}: {n}" for s, n in rep.missing.most_common())
-        raise MergeError(
-            f"{table.origin[image]}: image {image!r} has no usable caption for slot {slot!r}; "
-            f"{n_bad} of {len(rows)} images miss a slot ({summary}). "
-            "Use --missing drop or --missing fill:<slot>, or caption the missing ones (re-run)."
-        )
 
+def _refuse_missing(rows: list[Row], rep: MergeReport, origin: Mapping[str, str]) -> None:
+    """The ``error`` policy: names the first image missing a slot, and how many miss which."""
+    first = next(((image, lacking[0]) for image, _, lacking in rows if lacking), None)
+    if first is None:
+        return
+    image, slot = first
+    n_bad = sum(1 for _, _, lacking in rows if lacking)
+    summary = ", ".join(f"{s}: {n}" for s, n in rep.missing.most_common())
+    raise MergeError(
+        f"{origin[image]}: image {image!r} has no usable caption for slot {slot!r}; "
+        f"{n_bad} of {len(rows)} images miss a slot ({summary}). "
+        "Use --missing drop or --missing fill:<slot>, or caption the missing ones (re-run)."
+    )
+
+
+def _write_rows(out: Path, rows: list[Row], missing: str, origin: Mapping[str, str], rep: MergeReport) -> None:
+    """Applies the missing-slot policy and writes the training JSONL; image paths relative to it."""
+    out_dir = Path(os.path.abspath(out)).parent  # abspath like the image keys (no symlink resolving)
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
         for image, texts, lacking in rows:
-            got = apply_missing_slot_policy(texts, slots, missing, table.origin[image])
+            got = apply_missing_slot_policy(texts, rep.slots, missing, origin[image])
             if got is None:
                 rep.dropped += 1
                 continue
             rep.filled += bool(lacking)
             path = image if WDS_SEP in image else os.path.relpath(image, out_dir)
-            f.write(json.dumps({"image": path, "captions": dict(zip(slots, got))}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"image": path, "captions": dict(zip(rep.slots, got))}, ensure_ascii=False) + "\n")
             rep.written += 1
     os.replace(tmp, out)  # atomic: a crash never leaves half a training file
-    return rep
