@@ -1,29 +1,41 @@
 """holiclip: Holistic CLIP (Wang et al., CVPR 2025, arXiv 2412.00440) on open_clip.
 
-Public API: create_model, get_tokenizer, list_models, fuse, M2MLoss.
+Public API: create_model, get_tokenizer, list_models, fuse, M2MLoss, load_model, save_model.
+
+The API is imported on first use (PEP 562), so that light subpackages (``holiclip.captioning``,
+the command line's ``--help``) do not pay for importing torch and open_clip.
 """
-from ._compat import ensure_torchvision_importable as _ensure_tv
+from ._compat import install_import_hook as _install_import_hook
 
-_ensure_tv()
-
-from .loss import M2MLoss  # noqa: E402
-from .models.fusion import FUSION_MODES, fuse  # noqa: E402
-from .models.holistic import HolisticCLIP  # noqa: E402
-from .models.registry import (  # noqa: E402
-    create_model,
-    get_model_config,
-    get_tokenizer,
-    get_transforms,
-    list_models,
-    load_model,
-    load_state_dict,
-    save_model,
-    register_model_config,
-)
+_install_import_hook()
 
 __version__ = "0.1.0"
-__all__ = [
-    "create_model", "get_tokenizer", "list_models", "fuse", "M2MLoss", "HolisticCLIP",
-    "FUSION_MODES", "get_model_config", "get_transforms", "load_state_dict", "register_model_config",
-    "load_model", "save_model",
-]
+
+# public name -> module that defines it
+_API = {
+    "M2MLoss": ".loss",
+    "FUSION_MODES": ".models.fusion",
+    "fuse": ".models.fusion",
+    "HolisticCLIP": ".models.holistic",
+    **{name: ".models.registry" for name in (
+        "create_model", "get_model_config", "get_tokenizer", "get_transforms", "list_models",
+        "load_model", "load_state_dict", "save_model", "register_model_config",
+    )},
+}
+
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -22,9 +22,29 @@ from pathlib import Path
 _LIB = None  # keeps the torch.library handle alive for the life of the process
 
 
+class _BeforeTorchvision:
+    """Import hook that runs the shim just before torchvision is first imported, so that
+    ``import holiclip`` needs no torch and still makes a later ``import open_clip`` work."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            ensure_torchvision_importable()
+        return None  # the normal finders import it
+
+
+_HOOK = _BeforeTorchvision()
+
+
+def install_import_hook() -> None:
+    if "torchvision" not in sys.modules and _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
+
+
 def ensure_torchvision_importable() -> bool:
     """Returns True when the shim had to act."""
     global _LIB
+    if _HOOK in sys.meta_path:  # once is enough; also keeps find_spec below from re-entering
+        sys.meta_path.remove(_HOOK)
     if "torchvision" in sys.modules or _LIB is not None:
         return False
     spec = importlib.util.find_spec("torchvision")
