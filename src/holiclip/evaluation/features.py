@@ -10,7 +10,7 @@ and renormalised (a sentence that is itself too long is still truncated and coun
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -117,7 +117,6 @@ class TextEncoding:
     num_truncated: int = 0  # texts (or, with split, sentences) cut at the context length
     num_split: int = 0  # texts encoded as a mean of sentence embeddings
     max_tokens: int = 0
-    stats: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
