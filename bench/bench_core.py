@@ -94,7 +94,7 @@ class VisionStep:
 
     def __call__(self) -> None:
         self.model.zero_grad(set_to_none=True)
-        self.model.encode_image(self.images).sum().backward()
+        self.model.encode_image(self.images, normalize=True).sum().backward()
 
 
 def interleaved(fns: dict, repeats: int, inner: int, warmup: int = 2) -> dict[str, list[float]]:

@@ -7,6 +7,7 @@ import sys
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from core_utils import SMALL_CONFIGS
 from safetensors.torch import save_file
 
@@ -39,6 +40,13 @@ def save_open_clip(model: torch.nn.Module, path) -> str:
     return str(path)
 
 
+def from_open_clip(tmp_path, name: str, encoder: str, branches=("global",)):
+    """An open_clip model and a HolisticCLIP built from its weights, both in eval mode."""
+    reference = open_clip_model(name)
+    weights = save_open_clip(reference, tmp_path / "oc.safetensors")
+    return reference, holiclip.create_model(name, encoder, list(branches), pretrained=weights).eval()
+
+
 def images_for(model_or_size, batch: int = 3, seed: int = 1) -> torch.Tensor:
     size = model_or_size if isinstance(model_or_size, int) else model_or_size.visual.image_size[0]
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
@@ -65,13 +73,10 @@ def forked_layers(model) -> int:
 @pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("name", SMALL_CONFIGS)
 def test_single_branch_equals_open_clip(tmp_path, name, encoder):
-    reference = open_clip_model(name)
-    model = holiclip.create_model(
-        name, encoder, ["global"], pretrained=save_open_clip(reference, tmp_path / "oc.safetensors")
-    ).eval()
+    reference, model = from_open_clip(tmp_path, name, encoder)
     images, tokens = images_for(model), tokens_for(name)
     with torch.no_grad():
-        ours_image, ours_text = model.encode_image(images), model.encode_text(tokens)
+        ours_image, ours_text = model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
         ref_image = reference.encode_image(images, normalize=True)
         ref_text = reference.encode_text(tokens, normalize=True)
     assert ours_image.shape == (3, 1, reference.visual.output_dim)
@@ -81,12 +86,31 @@ def test_single_branch_equals_open_clip(tmp_path, name, encoder):
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
+def test_encode_defaults_follow_open_clip(tmp_path, encoder):
+    """``normalize`` defaults to False in every ``encode_*`` as in open_clip; ``forward`` (training)
+    gives L2-normalised features as open_clip's ``CLIP.forward`` does."""
+    reference, model = from_open_clip(tmp_path, "holi-tiny", encoder)
+    images, tokens = images_for(model), tokens_for("holi-tiny")
+    with torch.no_grad():
+        image, text = model.encode_image(images), model.encode_text(tokens)
+        torch.testing.assert_close(image[:, 0], reference.encode_image(images), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(text, reference.encode_text(tokens), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(image.norm(dim=-1), torch.ones(3, 1), atol=1e-3)
+        ref_image, ref_text, ref_scale = reference(images, tokens)
+        out = model(images, tokens)
+        torch.testing.assert_close(out["image_features"][:, 0], ref_image, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out["text_features"], ref_text, atol=1e-6, rtol=0)
+        dense = model.encode_dense(images)
+        torch.testing.assert_close(model.encode_dense(images, normalize=True), F.normalize(dense, dim=-1))
+        assert not torch.allclose(dense.norm(dim=-1), torch.ones(dense.shape[:-1]), atol=1e-3)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
 def test_single_branch_train_step_equals_open_clip(tmp_path, encoder):
     """Same loss and same gradients as open_clip's CLIP + ClipLoss (H = M = 1)."""
-    reference = open_clip_model("holi-tiny").train()
-    model = holiclip.create_model(
-        "holi-tiny", encoder, ["global"], pretrained=save_open_clip(reference, tmp_path / "oc.safetensors")
-    ).train()
+    reference, model = from_open_clip(tmp_path, "holi-tiny", encoder)
+    reference.train()
+    model.train()
     images, tokens = images_for(model, batch=4), tokens_for("holi-tiny", batch=4)
     out = model(images, tokens)
     ours = holiclip.M2MLoss()(out["image_features"], out["text_features"][:, None], out["logit_scale"])
@@ -107,13 +131,10 @@ def test_single_branch_train_step_equals_open_clip(tmp_path, encoder):
 @pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("name", SMALL_CONFIGS + ("test-one-layer",))
 def test_pretrained_copy_in_five_branches(tmp_path, name, encoder):
-    reference = open_clip_model(name)
-    model = holiclip.create_model(
-        name, encoder, FIVE, pretrained=save_open_clip(reference, tmp_path / "oc.safetensors")
-    ).eval()
+    reference, model = from_open_clip(tmp_path, name, encoder, FIVE)
     images = images_for(model)
     with torch.no_grad():
-        ours, ref = model.encode_image(images), reference.encode_image(images, normalize=True)
+        ours, ref = model.encode_image(images, normalize=True), reference.encode_image(images, normalize=True)
     assert ours.shape == (3, 5, reference.visual.output_dim)
     for h in range(1, 5):  # all branches start identical
         torch.testing.assert_close(ours[:, h], ours[:, 0], atol=1e-6, rtol=0)
@@ -281,7 +302,7 @@ def test_load_pt_weights_only_and_safetensors_agree(tmp_path):
     for path in (pt, wrapped, st):
         model = holiclip.create_model("holi-tiny", "cls", FIVE, pretrained=str(path)).eval()
         with torch.no_grad():
-            outputs.append(model.encode_image(images))
+            outputs.append(model.encode_image(images, normalize=True))
     torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
     torch.testing.assert_close(outputs[0], outputs[2], atol=0, rtol=0)
 
@@ -318,8 +339,11 @@ def test_save_load_round_trip(tmp_path, name, encoder):
         assert torch.equal(v, own[k]), k
     images, tokens = images_for(model), tokens_for(name)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), atol=0, rtol=0)
-        torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens), atol=0, rtol=0)
+        for normalize in (False, True):
+            torch.testing.assert_close(loaded.encode_image(images, normalize=normalize),
+                                       model.encode_image(images, normalize=normalize), atol=0, rtol=0)
+            torch.testing.assert_close(loaded.encode_text(tokens, normalize=normalize),
+                                       model.encode_text(tokens, normalize=normalize), atol=0, rtol=0)
     # the weights file alone also works
     assert holiclip.load_model(tmp_path / "export" / "model.safetensors").branch_names == loaded.branch_names
 
@@ -355,7 +379,7 @@ def test_dense_and_attention_maps(name, encoder):
     gh, gw = model.visual.grid_size
     images = images_for(model, batch=2)
     with torch.no_grad():
-        dense = model.encode_dense(images)
+        dense = model.encode_dense(images, normalize=True)
         maps = model.attention_maps(images)
     assert dense.shape == (2, 3, gh, gw, model.visual.output_dim)
     torch.testing.assert_close(dense.norm(dim=-1), torch.ones(2, 3, gh, gw))
@@ -387,6 +411,64 @@ def test_attention_maps_match_manual_softmax():
         assert weights[:, 0, 1].abs().max() == 0
 
 
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("name", SMALL_CONFIGS)
+def test_forward_intermediates_equal_open_clip_at_one_branch(tmp_path, name, encoder):
+    """H = 1: every block's token states are open_clip's (class token first, then the patches)."""
+    reference, model = from_open_clip(tmp_path, name, encoder)
+    images = images_for(model, batch=2)
+    with torch.no_grad():
+        ours = model.visual.forward_intermediates(images)
+        theirs = reference.visual.forward_intermediates(images, output_fmt="NLC", output_extra_tokens=True)
+        ours_clip = model.forward_intermediates(images, image_indices=1)
+        theirs_clip = reference.forward_intermediates(image=images, image_indices=1)
+    layers = len(reference.visual.transformer.resblocks)
+    assert len(ours["image_intermediates"]) == len(theirs["image_intermediates"]) == layers
+    for i, state in enumerate(ours["image_intermediates"]):
+        if state.dim() == 4:  # a forked Psi_MLP block: one stream
+            assert encoder == "mlp" and i >= model.visual.fork_at and state.shape[0] == 1
+            state = state[0]
+        expected = torch.cat([theirs["image_intermediates_prefix"][i], theirs["image_intermediates"][i]], 1)
+        torch.testing.assert_close(state, expected, atol=1e-5, rtol=1e-5, msg=f"block {i}")
+    torch.testing.assert_close(ours["image_features"][:, 0], theirs["image_features"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours_clip["image_features"][:, 0], theirs_clip["image_features"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_forward_intermediates_shapes_and_read_out(encoder):
+    model = holiclip.create_model("holi-small", encoder, ["a", "b", "c"]).eval()
+    visual = model.visual
+    images = images_for(model, batch=2)
+    layers, width = len(visual.transformer.resblocks), visual.class_embedding.shape[-1]
+    tokens = visual.num_prefix_tokens + visual.grid_size[0] * visual.grid_size[1]
+    assert visual.num_prefix_tokens == (3 if encoder == "cls" else 1)
+    with torch.no_grad():
+        out = visual.forward_intermediates(images)
+        states = out["image_intermediates"]
+        assert len(states) == layers
+        for i, state in enumerate(states):
+            forked = encoder == "mlp" and i >= visual.fork_at  # one stream per branch once forked
+            assert state.shape == ((3, 2, tokens, width) if forked else (2, tokens, width)), i
+        # the last state's class tokens through the shared head are the embeddings
+        from_states = visual.head(visual.branch_tokens(states[-1]))
+        torch.testing.assert_close(from_states, model.encode_image(images), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out["image_features"], from_states, atol=0, rtol=0)
+        torch.testing.assert_close(model.forward_intermediates(images)["image_features"],
+                                   model.encode_image(images, normalize=True), atol=1e-6, rtol=1e-5)
+        # indices: last n, or block indices (negative from the end), returned in block order
+        last_two = visual.forward_intermediates(images, indices=2)["image_intermediates"]
+        picked = visual.forward_intermediates(images, indices=[-1, 0])["image_intermediates"]
+        early = visual.forward_intermediates(images, indices=[1], stop_early=True, intermediates_only=True)
+        normed = visual.forward_intermediates(images, indices=[1], normalize_intermediates=True)
+    for got, want in zip(last_two + picked, states[-2:] + [states[0], states[-1]]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert set(early) == {"image_intermediates"}
+    torch.testing.assert_close(early["image_intermediates"][0], states[1], atol=0, rtol=0)
+    torch.testing.assert_close(normed["image_intermediates"][0], visual.ln_post(states[1]), atol=0, rtol=0)
+    with pytest.raises(AssertionError, match="out of range"):
+        visual.forward_intermediates(images, indices=[layers])
+
+
 # -- gradient checkpointing ----------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_grad_checkpointing_same_outputs_and_grads(encoder):
@@ -411,8 +493,8 @@ def test_encode_text_keeps_slot_dimension():
     model = holiclip.create_model("holi-tiny").eval()
     tokens = tokens_for("holi-tiny", batch=6).view(2, 3, -1)
     with torch.no_grad():
-        grouped = model.encode_text(tokens)
-        flat = model.encode_text(tokens.view(6, -1))
+        grouped = model.encode_text(tokens, normalize=True)
+        flat = model.encode_text(tokens.view(6, -1), normalize=True)
     assert grouped.shape == (2, 3, 64)
     torch.testing.assert_close(grouped.view(6, -1), flat)
 
@@ -467,9 +549,10 @@ def test_minilm_locked_text_trunk():
     tokens = holiclip.get_tokenizer("holi-small-minilm")(["a red square on grey", "two blue dots"])
     with torch.no_grad():
         trunk = model.text_trunk(tokens)
-        torch.testing.assert_close(model.text_head(trunk), model.encode_text(tokens))
+        torch.testing.assert_close(model.text_head(trunk, normalize=True), model.encode_text(tokens, normalize=True))
+        torch.testing.assert_close(model.text_head(trunk), model.encode_text(tokens))  # both un-normalised
         torch.testing.assert_close(model(texts=None, text_trunk_features=trunk)["text_features"],
-                                   model.encode_text(tokens))
+                                   model.encode_text(tokens, normalize=True))
     assert trunk.shape == (2, text.transformer.config.hidden_size)
     unlocked = holiclip.create_model("holi-small-minilm", "cls", ["a"], lock_text=False)
     assert not unlocked.text_trunk_frozen()
@@ -502,7 +585,7 @@ def test_locked_hf_text_trunk_stays_in_eval_mode():
     assert not model.clip.text.transformer.training  # no dropout on frozen features
     tok = holiclip.get_tokenizer("holi-small-minilm")
     t = tok(["a red apple on a table"])
-    torch.testing.assert_close(model.encode_text(t), model.encode_text(t))
+    torch.testing.assert_close(model.encode_text(t, normalize=True), model.encode_text(t, normalize=True))
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -522,5 +605,5 @@ def test_from_scratch_branches_start_from_their_own_draws(encoder):
             w = blk.mlp.c_proj.weight
             assert not torch.allclose(w[1], w[0]) and not torch.allclose(w[2], w[1])
     with torch.no_grad():
-        v = model.encode_image(images_for(model))
+        v = model.encode_image(images_for(model), normalize=True)
     assert (v[:, 0] - v[:, 1]).abs().max() > 1e-3 and (v[:, 1] - v[:, 2]).abs().max() > 1e-3

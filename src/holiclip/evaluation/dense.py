@@ -155,7 +155,7 @@ def evaluate_segmentation(
             raise DataError(f"{bad[0]['image']}: unreadable ({bad[0]['error']})")
         if not xs:
             continue
-        dense = model.encode_dense(torch.stack(xs).to(device)).float().cpu()
+        dense = model.encode_dense(torch.stack(xs).to(device), normalize=True).float().cpu()
         for label, fusion, branches in variants:
             logits = patch_logits(dense, class_features, fusion, branches, names)
             for lg, truth in zip(logits, truths):

@@ -94,7 +94,7 @@ def encode_images(
     for batch, errors in tqdm(loader, desc="images", unit="batch", disable=not progress):
         bad.extend(errors)
         if batch is not None:
-            out.append(model.encode_image(batch.to(device)).float().cpu())
+            out.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
     if not out:
         raise no_readable_images(bad)
     if bad and skipped is None:
@@ -160,7 +160,7 @@ def encode_texts(
     feats = []
     for s in tqdm(range(0, len(pieces), batch_size), desc="texts", unit="batch", disable=not progress):
         tokens = tokenizer(pieces[s : s + batch_size]).to(device)
-        feats.append(model.encode_text(tokens).float().cpu())
+        feats.append(model.encode_text(tokens, normalize=True).float().cpu())
     if not feats:
         raise ValueError("no texts to encode")
     feats = torch.cat(feats)

@@ -11,11 +11,14 @@ Two designs, both low-parameter:
   replicated per branch. The first forked block computes its shared part once, because the
   streams are identical until its second MLP layer.
 
-Both read each branch's class token through the shared ``ln_post`` and ``proj``.
+Both read each branch's class token through the shared ``ln_post`` and ``proj``. Token states
+of chosen blocks come from ``forward_intermediates`` (as in open_clip and timm); ``dense`` and
+``attention_maps`` read the last block from its input state.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ from .. import _compat
 
 _compat.ensure_torchvision_importable()
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer  # noqa: E402
+from open_clip.utils import feature_take_indices  # noqa: E402
 
 ENCODERS = ("cls", "mlp")
 
@@ -92,7 +96,7 @@ class MultiBranchViT(nn.Module):
             raise ValueError(f"mlp_layers must be in [1, {layers}], got {mlp_layers}")
         self.encoder = encoder
         self.num_branches = num_branches
-        self.num_prefix = num_branches if encoder == "cls" else 1
+        self.num_prefix_tokens = num_branches if encoder == "cls" else 1  # timm's name: tokens before the patches
         self.fork_at = layers - mlp_layers if encoder == "mlp" else layers
         self.grid_size = vit.grid_size
         self.image_size = vit.image_size
@@ -105,8 +109,9 @@ class MultiBranchViT(nn.Module):
         self.proj = vit.proj
         width = vit.class_embedding.shape[-1]
         pos = vit.positional_embedding.data
-        self.class_embedding = nn.Parameter(vit.class_embedding.data.reshape(1, width).repeat(self.num_prefix, 1))
-        self.positional_embedding = nn.Parameter(torch.cat([pos[:1].repeat(self.num_prefix, 1), pos[1:]], 0))
+        prefix = self.num_prefix_tokens
+        self.class_embedding = nn.Parameter(vit.class_embedding.data.reshape(1, width).repeat(prefix, 1))
+        self.positional_embedding = nn.Parameter(torch.cat([pos[:1].repeat(prefix, 1), pos[1:]], 0))
         self.positional_embedding.requires_grad_(vit.positional_embedding.requires_grad)
         if encoder == "mlp":
             for blk in self.transformer.resblocks[self.fork_at:]:
@@ -124,7 +129,7 @@ class MultiBranchViT(nn.Module):
         scale = width ** -0.5
         self.class_embedding[1:].normal_(0.0, scale)
         if self.positional_embedding.requires_grad:  # a fixed sin-cos table stays as it is
-            self.positional_embedding[1: self.num_prefix].normal_(0.0, scale)
+            self.positional_embedding[1: self.num_prefix_tokens].normal_(0.0, scale)
         for blk in self.transformer.resblocks[self.fork_at:]:
             layer = blk.mlp.c_proj
             for h in range(1, self.num_branches):
@@ -191,27 +196,68 @@ class MultiBranchViT(nn.Module):
             base = flat.unsqueeze(0)
         return base + blk.ls_2(blk.mlp.c_proj(hidden))
 
-    def trunk(self, images: torch.Tensor, stop_before_last: bool = False, prefix_only: bool = False) -> torch.Tensor:
-        """Token states: (B, T, W) for ``cls``, (H, B, T, W) for ``mlp`` once forked.
+    def _apply_block(self, index: int, x: torch.Tensor, mask, num_queries: int | None = None) -> torch.Tensor:
+        blk = self.transformer.resblocks[index]
+        if index < self.fork_at:
+            return self._run(lambda t: self._block(blk, t, mask, num_queries), x)
+        return self._run(lambda t: self._forked_block(blk, t, num_queries), x)
 
-        ``prefix_only``: the last block updates only the class tokens (all that the embeddings
-        read), which skips the patch tokens' attention output and MLP there. Same result.
+    def _run_blocks(self, images: torch.Tensor, take=(), end: int | None = None):
+        """Runs blocks [0, end) and returns (last state, states after the blocks in ``take``).
+
+        When the last block runs and its output is not taken, it updates only the class tokens
+        (all that the embeddings read): the patch tokens' attention output and MLP are skipped
+        there, with the same embeddings as a full pass.
         """
         x = self.embed(images)
         mask = self.attn_mask(x.shape[1], x)
-        blocks = self.transformer.resblocks
-        end = len(blocks) - 1 if stop_before_last else len(blocks)
+        last = len(self.transformer.resblocks) - 1
+        end = last + 1 if end is None else end
+        states = []
         for i in range(end):
-            blk = blocks[i]
-            queries = self.num_prefix if prefix_only and i == len(blocks) - 1 else None
-            if i < self.fork_at:
-                x = self._run(lambda t, b=blk, q=queries: self._block(b, t, mask, q), x)
-            else:
-                x = self._run(lambda t, b=blk, q=queries: self._forked_block(b, t, q), x)
-        return x
+            prefix_only = i == last and i not in take
+            x = self._apply_block(i, x, mask, self.num_prefix_tokens if prefix_only else None)
+            if i in take:
+                states.append(x)
+        return x, states
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        stop_early: bool = False,
+        normalize_intermediates: bool = False,
+        intermediates_only: bool = False,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Token states after the requested blocks, in the manner of open_clip's and timm's
+        ``forward_intermediates``.
+
+        ``indices``: the last n blocks for an int n, all blocks for None, else block indices
+        (negative ones count from the end). Returns ``image_intermediates``, the states in block
+        order, and (unless ``intermediates_only``) ``image_features``, the un-normalised branch
+        embeddings (B, H, D) of :meth:`forward`. A state holds every token, the
+        ``num_prefix_tokens`` class tokens first, then the patches in row-major order:
+        (B, T, W), or (H, B, T, W) for Psi_MLP's forked blocks (one stream per branch).
+        Unlike open_clip's default, patches are not split off or laid out as a grid, because
+        the branches' class tokens and streams are part of the state.
+
+        ``normalize_intermediates`` applies the shared ``ln_post``. ``stop_early`` skips the
+        blocks after the last requested one when only intermediates are asked for (the final
+        embeddings need every block).
+        """
+        blocks = len(self.transformer.resblocks)
+        take, max_index = feature_take_indices(blocks, indices)
+        end = max_index + 1 if stop_early and intermediates_only else blocks
+        x, states = self._run_blocks(images, set(take), end)
+        if normalize_intermediates:
+            states = [self.ln_post(s) for s in states]
+        out: dict = {"image_intermediates": states}
+        if not intermediates_only:
+            out["image_features"] = self.head(self.branch_tokens(x))
+        return out
 
     def branch_tokens(self, states: torch.Tensor) -> torch.Tensor:
-        """Class-token state per branch, (B, H, W)."""
+        """Class-token state per branch, (B, H, W), from a state of :meth:`forward_intermediates`."""
         if states.dim() == 4:  # mlp: one class token per stream
             return states[:, :, 0].transpose(0, 1)
         return states[:, : self.num_branches]
@@ -221,12 +267,17 @@ class MultiBranchViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Un-normalised branch embeddings (B, H, D)."""
-        return self.head(self.branch_tokens(self.trunk(images, prefix_only=True)))
+        x, _ = self._run_blocks(images)
+        return self.head(self.branch_tokens(x))
 
     # -- read-outs for evaluation ----------------------------------------------------------
     def _last_block_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """Inputs of the last block as (H', B, T, W); H' = 1 when streams are shared."""
-        x = self.trunk(images, stop_before_last=True)
+        if len(self.transformer.resblocks) == 1:  # the embeddings themselves
+            x = self.embed(images)
+        else:
+            out = self.forward_intermediates(images, indices=[-2], stop_early=True, intermediates_only=True)
+            x = out["image_intermediates"][0]
         return x if x.dim() == 4 else x.unsqueeze(0)
 
     def dense(self, images: torch.Tensor) -> torch.Tensor:
@@ -241,7 +292,7 @@ class MultiBranchViT(nn.Module):
         width = x.shape[-1]
         w_v = attn.in_proj_weight[2 * width:]
         b_v = attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None
-        v = F.linear(blk.ln_1(x[:, :, self.num_prefix:]), w_v, b_v)
+        v = F.linear(blk.ln_1(x[:, :, self.num_prefix_tokens:]), w_v, b_v)
         out = self.head(attn.out_proj(v))  # (H', B, P, D)
         out = out.transpose(0, 1).expand(-1, self.num_branches, -1, -1)
         return out.reshape(*out.shape[:2], *self.grid_size, out.shape[-1])
@@ -255,7 +306,7 @@ class MultiBranchViT(nn.Module):
         _, weights = blk.attn(q, q, q, need_weights=True, average_attn_weights=True, attn_mask=mask)
         weights = weights.view(x.shape[0], x.shape[1], *weights.shape[1:])  # (H', B, T, T)
         if self.encoder == "cls":
-            maps = weights[0, :, : self.num_branches, self.num_prefix:]
+            maps = weights[0, :, : self.num_branches, self.num_prefix_tokens:]
         else:
-            maps = weights[:, :, 0, self.num_prefix:].transpose(0, 1).expand(-1, self.num_branches, -1)
+            maps = weights[:, :, 0, self.num_prefix_tokens:].transpose(0, 1).expand(-1, self.num_branches, -1)
         return maps.reshape(*maps.shape[:2], *self.grid_size)

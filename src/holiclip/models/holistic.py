@@ -1,8 +1,9 @@
 """HolisticCLIP: an open_clip CLIP whose image tower has H named output branches
 (Wang et al., CVPR 2025, arXiv 2412.00440).
 
-``encode_image`` -> (B, H, D) and ``encode_text`` -> (N, D), both L2-normalised.
-The text tower is open_clip's, unchanged (built-in transformer or Hugging Face tower).
+``encode_image`` -> (B, H, D) and ``encode_text`` -> (N, D). As in open_clip, the ``encode_*``
+methods L2-normalise only with ``normalize=True`` and ``forward`` (training) returns normalised
+features. The text tower is open_clip's, unchanged (built-in transformer or Hugging Face tower).
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ class HolisticCLIP(nn.Module):
         return self
 
     # -- encoders --------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, H, D), one embedding per branch."""
         x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -95,7 +97,7 @@ class HolisticCLIP(nn.Module):
         real = (tokens != self.clip.text.config.pad_token_id).any(dim=0).nonzero()
         return tokens[:, : int(real.max()) + 1] if real.numel() else tokens[:, :1]
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(N, L) -> (N, D); (B, M, L) -> (B, M, D)."""
         lead = tokens.shape[:-1]
         flat = self._trim_padding(tokens.reshape(-1, tokens.shape[-1]))
@@ -103,16 +105,41 @@ class HolisticCLIP(nn.Module):
         return x.reshape(*lead, x.shape[-1])
 
     def encode_image_fused(self, images, mode: str = "mean", branches=None) -> torch.Tensor:
-        return fuse(self.encode_image(images), mode=mode, branches=branches, names=self.branch_names)
+        """(B, D): the branches fused by :func:`~holiclip.models.fusion.fuse`, which takes unit-norm
+        branch embeddings."""
+        features = self.encode_image(images, normalize=True)
+        return fuse(features, mode=mode, branches=branches, names=self.branch_names)
 
-    def encode_dense(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Per-branch patch embeddings in the joint space, (B, H, gh, gw, D)."""
+    def encode_dense(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Per-branch patch embeddings in the joint space, (B, H, gh, gw, D); L2-normalised per
+        patch with ``normalize=True``, like ``encode_image``."""
         x = self.visual.dense(images)
         return F.normalize(x, dim=-1) if normalize else x
 
     def attention_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Per-branch class-token attention over patches in the last block, (B, H, gh, gw)."""
         return self.visual.attention_maps(images)
+
+    def forward_intermediates(
+        self,
+        image: torch.Tensor,
+        image_indices: int | Sequence[int] | None = None,
+        stop_early: bool = False,
+        normalize: bool = True,
+        normalize_intermediates: bool = False,
+        intermediates_only: bool = False,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """The image side of open_clip's ``CLIP.forward_intermediates``: token states of the
+        requested blocks (see :meth:`MultiBranchViT.forward_intermediates` for their shapes) and
+        the branch embeddings ``image_features``, L2-normalised with ``normalize`` (open_clip's
+        default here too)."""
+        out = self.visual.forward_intermediates(
+            image, indices=image_indices, stop_early=stop_early,
+            normalize_intermediates=normalize_intermediates, intermediates_only=intermediates_only,
+        )
+        if normalize and "image_features" in out:
+            out["image_features"] = F.normalize(out["image_features"], dim=-1)
+        return out
 
     # -- text trunk / head split (lets a trainer cache a frozen trunk's outputs) ------------
     def text_trunk(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -124,7 +151,8 @@ class HolisticCLIP(nn.Module):
             return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
         raise NotImplementedError("text_trunk is available for Hugging Face text towers")
 
-    def text_head(self, trunk_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def text_head(self, trunk_features: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """The rest of :meth:`encode_text`: ``text_head(text_trunk(t), n) == encode_text(t, n)``."""
         x = self.clip.text.proj(trunk_features)
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -143,12 +171,13 @@ class HolisticCLIP(nn.Module):
         return not any(p.requires_grad for p in trunk)
 
     def forward(self, images=None, texts=None, text_trunk_features=None) -> dict:
-        """Features for training; ``text_trunk_features`` are cached outputs of a frozen trunk."""
+        """L2-normalised features for training, as open_clip's ``CLIP.forward``;
+        ``text_trunk_features`` are cached outputs of a frozen trunk."""
         out = {"logit_scale": self.logit_scale.exp()}
         if images is not None:
-            out["image_features"] = self.encode_image(images)
+            out["image_features"] = self.encode_image(images, normalize=True)
         if texts is not None:
-            out["text_features"] = self.encode_text(texts)
+            out["text_features"] = self.encode_text(texts, normalize=True)
         if text_trunk_features is not None:
-            out["text_features"] = self.text_head(text_trunk_features)
+            out["text_features"] = self.text_head(text_trunk_features, normalize=True)
         return out
