@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cap_helpers import make_images, read_jsonl
 from loopback import LoopbackServer
 
@@ -25,13 +27,15 @@ def test_importing_captioning_and_its_cli_imports_no_torch():
     assert _heavy_modules_after("\n".join(f"import {m}" for m in modules)) == []
 
 
-def test_openai_run_imports_no_torch(tmp_path: Path):
+@pytest.mark.parametrize("module, command", [("holiclip.cli.app", ["caption", "run"]),  # `holiclip caption run`
+                                             ("holiclip.cli.caption", ["run"])])  # as torchrun starts it
+def test_openai_run_imports_no_torch(tmp_path: Path, module: str, command: list[str]):
     make_images(tmp_path / "imgs", 3)
-    argv = ["holiclip caption", "run", "--images", str(tmp_path / "imgs"), "--backend", "openai", "--model", "m",
+    argv = ["holiclip", *command, "--images", str(tmp_path / "imgs"), "--backend", "openai", "--model", "m",
             "--perspectives", "detail", "--out", str(tmp_path / "out"), "--no-progress"]
     with LoopbackServer(lifetime_s=60) as srv:
         code = (f"import runpy, sys\nsys.argv = {argv + ['--base-url', srv.url]!r}\n"
-                "try:\n    runpy.run_module('holiclip.cli.caption', run_name='__main__')\n"
+                f"try:\n    runpy.run_module({module!r}, run_name='__main__')\n"
                 "except SystemExit as exit:\n    assert not exit.code, exit.code")
         assert _heavy_modules_after(code) == []
     assert len(read_jsonl(tmp_path / "out" / "captions.jsonl")) == 3  # the run really happened
