@@ -27,14 +27,13 @@ def emoji(
                                                  help="Comma-separated held-out styles (twemoji,openmoji)."),
     max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Objects per scene, 1 to 4."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    fetch: bool = typer.Option(True, "--fetch/--no-fetch", help="Install missing sources (apt-get, npm pack)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
                                              help="Source cache (default .cache/emoji-sources)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a cached build matches."),
 ) -> None:
     """Build the emoji benchmark (cached: same parameters and sources return at once)."""
-    from holiclip.data.emoji import build as B
-    from holiclip.data.emoji.sources import MissingSourcesError
+    from holiclip.benchmarks.emoji.data import build as B
+    from holiclip.benchmarks.emoji.data.sources import MissingSourcesError
 
     styles = tuple(s for s in heldout_styles.split(",") if s) if heldout_styles is not None else None
     if max_objects is not None and not 1 <= max_objects <= 4:
@@ -44,8 +43,7 @@ def emoji(
                           heldout=heldout, heldout_styles=styles, max_objects=max_objects, seed=seed)
         root = out or Path(".cache") / f"emoji-{preset}"
         with console.status("building emoji benchmark..."):
-            meta = B.build(root, params, cache_dir=cache_dir, fetch=fetch,
-                           force=force, log=lambda m: console.log(m))
+            meta = B.build(root, params, cache_dir=cache_dir, force=force, log=lambda m: console.log(m))
     except MissingSourcesError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1)
@@ -79,16 +77,19 @@ def _print_summary(meta: dict) -> None:
 
 @app.command()
 def sources(
-    fetch: bool = typer.Option(False, "--fetch/--check", help="Install what is missing, or only report."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default .cache/emoji-sources."),
     styles: str = typer.Option("twemoji,openmoji", "--styles", help="Held-out artwork styles."),
 ) -> None:
-    """Show (or fetch) the emoji benchmark's sources: font, Unicode data, held-out artwork."""
-    from holiclip.data.emoji.sources import MissingSourcesError, ensure_sources
+    """Show the emoji benchmark's installed sources: font, Unicode data, held-out artwork
+    (`make emoji-sources` installs them)."""
+    from holiclip.benchmarks.emoji.data.sources import MissingSourcesError, require_sources
 
     wanted = tuple(s for s in styles.split(",") if s)
     try:
-        src = ensure_sources(cache_dir, fetch=fetch, styles=wanted, log=lambda m: console.log(m))
+        src = require_sources(cache_dir, styles=wanted)
+    except ValueError as err:  # an unknown style
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2)
     except MissingSourcesError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1)

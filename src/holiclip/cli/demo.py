@@ -1,6 +1,7 @@
 """`holiclip demo`: the side-by-side run behind `make demo`."""
 from __future__ import annotations
 
+import shlex
 from typing import Optional
 
 import typer
@@ -17,15 +18,20 @@ def app(
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Runs side by side (default: 2 on 2+ cores)."),
 ) -> None:
     """CLIP vs O2M vs Holistic CLIP on the built-in emoji benchmark: trains, evaluates, reports."""
-    from ..data.emoji.sources import MissingSourcesError
-    from ..demo import run_demo
+    from holiclip.benchmarks.emoji.data.sources import MissingSourcesError
+    from holiclip.benchmarks.emoji.demo import run_demo
 
     if quick and full:
         raise typer.BadParameter("--quick and --full exclude each other")
     mode = "quick" if quick else "full" if full else "default"
     names = [v.strip() for v in variants.split(",")] if variants else None
+    # the report names the command that produced it: these options, as given
+    given = {"--quick": quick, "--full": full, "--variants": variants, "--out": out, "--data": data,
+             "--steps": steps, "--seeds": seeds, "--jobs": jobs}
+    args = [a for k, v in given.items() if v is not None and v is not False for a in ((k,) if v is True else (k, str(v)))]
     try:
-        run_demo(mode, names, out or ("runs/demo-quick" if quick else "runs/demo"), data, steps, seeds, jobs)
+        run_demo(mode, names, out or ("runs/demo-quick" if quick else "runs/demo"), data, steps, seeds, jobs,
+                 command=shlex.join(["holiclip", "demo", *args]))
     except (MissingSourcesError, ValueError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -1,4 +1,4 @@
-"""Captioning backends: one interface, three implementations.
+"""Captioning backends: one interface, two built-in implementations, more from other packages.
 
 A backend turns a batch of :class:`CaptionRequest` (image bytes + prompt) into one
 :class:`CaptionResult` or one exception per request, so that a bad image or a failed request
@@ -6,7 +6,9 @@ never takes its batch-mates down with it. The runner (``pipeline``) decides batc
 concurrency from ``batch_size`` / ``concurrency``:
 - ``openai``: one request per call, many concurrent calls (HTTP server does the batching);
 - ``hf``: large batches, one at a time (one GPU per process; several via torchrun);
-- ``scene``: table look-ups.
+- others: a backend class (``Backend``; called as ``cls(model, **options)``) that any installed
+  package declares under the ``holiclip.captioning.backends`` entry-point group, imported on
+  first use (this project's own benchmark adds ``scene`` that way).
 """
 from __future__ import annotations
 
@@ -54,7 +56,18 @@ class Backend(Protocol):
         ...
 
 
-BACKENDS = ("openai", "hf", "scene")
+BUILTIN_BACKENDS = ("openai", "hf")
+ENTRY_POINT_GROUP = "holiclip.captioning.backends"
+
+
+def _plugins() -> dict:
+    from importlib.metadata import entry_points  # read only when a plugin is asked for
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def backend_names() -> list[str]:
+    return [*BUILTIN_BACKENDS, *sorted(set(_plugins()) - set(BUILTIN_BACKENDS))]
 
 
 def make_backend(name: str, model: str, **options) -> Backend:
@@ -67,8 +80,7 @@ def make_backend(name: str, model: str, **options) -> Backend:
         from .hf import HFBackend
 
         return HFBackend(model, **options)
-    if name == "scene":
-        from .scene import SceneBackend
-
-        return SceneBackend(model=model, **options)
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    plugin = _plugins().get(name)
+    if plugin is None:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(backend_names())}")
+    return plugin.load()(model, **options)

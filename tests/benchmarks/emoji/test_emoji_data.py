@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from holiclip.data.emoji import backgrounds as bgs
-from holiclip.data.emoji import build as B
-from holiclip.data.emoji import sources as S
-from holiclip.data.emoji.captions import SLOTS, mentioned_classes
-from holiclip.data.emoji.classes import EmojiClass, contains_term
-from holiclip.data.emoji.scenes import ALPHA_THRESHOLD, Placed, compose
-from holiclip.data.emoji.splits import TEST, TRAIN, VAL, combination_table
-from holiclip.data.emoji.sprites import SpriteBank, noto_single_glyph, raqm_available
+from holiclip.benchmarks.emoji.data import backgrounds as bgs
+from holiclip.benchmarks.emoji.data import build as B
+from holiclip.benchmarks.emoji.data import sources as S
+from holiclip.benchmarks.emoji.data.captions import SLOTS, mentioned_classes
+from holiclip.benchmarks.emoji.data.classes import EmojiClass, contains_term
+from holiclip.benchmarks.emoji.data.scenes import ALPHA_THRESHOLD, Placed, compose
+from holiclip.benchmarks.emoji.data.splits import TEST, TRAIN, VAL, combination_table
+from holiclip.benchmarks.emoji.data.sprites import SpriteBank, noto_single_glyph, raqm_available
 
 TINY = B.preset("tiny")
 
 
 @pytest.fixture(scope="module")
 def sources():
-    # fetch=False: tests never download; a missing source fails with the install commands.
-    return S.ensure_sources(fetch=False, styles=TINY.heldout_styles)
+    # the installed sources: tests never download; a missing source fails with the install commands.
+    return S.require_sources(styles=TINY.heldout_styles)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +60,14 @@ def test_missing_sources_error_names_exact_installs(tmp_path):
     assert any(c.startswith("npm pack openmoji@17.0.0") for c in commands)
     err = S.MissingSourcesError(missing, commands)
     assert "fonts-noto-color-emoji" in str(err) and "install_emoji_sources.sh" in str(err)
+    assert "make emoji-sources" in str(err)
 
 
-def test_ensure_sources_without_fetch_raises_for_missing_artwork(tmp_path, sources):
-    # An empty cache has no held-out artwork: with fetch=False this must raise, naming npm pack.
+def test_require_sources_raises_for_missing_artwork(tmp_path, sources):
+    # An empty cache has no held-out artwork: this must raise, naming npm pack (it installs nothing).
     with pytest.raises(S.MissingSourcesError, match="npm pack @twemoji/svg"):
-        S.ensure_sources(tmp_path, fetch=False, styles=("twemoji",))
+        S.require_sources(tmp_path, styles=("twemoji",))
+    assert not any(tmp_path.iterdir())
 
 
 def test_raqm_keeps_zwj_sequences_one_glyph(sources):
@@ -77,7 +79,7 @@ def test_raqm_keeps_zwj_sequences_one_glyph(sources):
 
 # -- classes ---------------------------------------------------------------------------
 def test_default_classes_are_distinct_and_unambiguous(sources):
-    from holiclip.data.emoji.classes import choose_classes
+    from holiclip.benchmarks.emoji.data.classes import choose_classes
 
     banks = [SpriteBank(s, sources, []) for s in ("noto", "twemoji", "openmoji")]
     classes = choose_classes(120, sources.emoji_test, sources.cldr,
@@ -347,6 +349,18 @@ def test_cli_emoji_builds_and_summarises(tiny):
     from holiclip.cli.data import app
 
     root, _ = tiny
-    res = CliRunner().invoke(app, ["emoji", "--preset", "tiny", "--out", str(root), "--no-fetch"])
+    res = CliRunner().invoke(app, ["emoji", "--preset", "tiny", "--out", str(root)])
     assert res.exit_code == 0, res.output
     assert "cached" in res.output and "test_heldout" in res.output and "train.jsonl" in res.output
+
+
+def test_cli_sources_reports_and_rejects_an_unknown_style(sources):
+    from typer.testing import CliRunner
+
+    from holiclip.cli.data import app
+
+    res = CliRunner().invoke(app, ["sources"])
+    assert res.exit_code == 0, res.output
+    assert "noto" in res.output and "openmoji" in res.output
+    res = CliRunner().invoke(app, ["sources", "--styles", "nope"])
+    assert res.exit_code == 2 and "unknown artwork style(s) ['nope']" in res.output

@@ -1,8 +1,8 @@
 """The side-by-side run behind ``make demo``: CLIP vs O2M vs Holistic CLIP on the built-in
 emoji benchmark, same images, steps and batch size for every variant.
 
-Variants are training configurations, one YAML file each in ``configs/demo/`` (PAPER.md
-section 5's comparison); a mode (quick / default / full) sets their schedule and seeds:
+Variants are training configurations, one YAML file each in ``configs/demo/`` (the paper's
+section 5 comparison); a mode (quick / default / full) sets their schedule and seeds:
   clip             H = 1, trained on the web caption only
   o2m              H = 1, all text slots (one-to-many)
   holistic_cls     H = M, Psi_CLS, the paper's M2M loss
@@ -24,20 +24,22 @@ import numpy as np
 import torch
 import yaml
 
-from .data.emoji import build as emoji
-from .demo_report import HEADLINE, write_report  # noqa: F401  (HEADLINE: the report's metric keys)
-from .evaluation.emoji_bench import evaluate_emoji
-from .evaluation.report import write_json
-from .models.registry import load_model
-from .training.checkpoint import RunFolderError
-from .training.config import TrainConfig, load_config
-from .training.trainer import read_metrics, train
+from holiclip.evaluation.report import write_json
+from holiclip.models.registry import load_model
+from holiclip.training.checkpoint import RunFolderError
+from holiclip.training.config import TrainConfig, load_config
+from holiclip.training.trainer import read_metrics, train
+
+from .data import build as emoji
+from .evaluate import evaluate_emoji
+from .report import describe_machine, write_report
 
 SLOTS = ["web", "detail", "nouns", "background", "main"]
 
 
-# The variants' YAML files live in the source tree (a checkout or `pip install -e .`).
-VARIANT_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+# The variants' YAML files live in the source tree (a checkout or `pip install -e .`):
+# src/holiclip/benchmarks/emoji/demo.py -> <checkout>/configs/demo
+VARIANT_DIR = Path(__file__).resolve().parents[4] / "configs" / "demo"
 VARIANTS = ("clip", "o2m", "holistic_cls", "holistic_mlp", "holistic_hybrid")
 
 
@@ -141,15 +143,22 @@ def _variant_job(args: tuple) -> tuple[str, int, dict]:
     return name, seed, run_variant(mode, load_variant(name), data, out, seed, cache_dir, print)
 
 
+def threads_per_run(jobs: int, runs: int) -> int:
+    """Torch threads of each run when ``jobs`` run side by side (a run alone keeps this process's)."""
+    if jobs <= 1 or runs == 1:
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Path, jobs: int, log) -> dict:
     """All (variant, seed) runs. With ``jobs`` > 1 they run side by side in worker processes,
-    one thread each: on this 2-core CPU two single-thread runs train ~1.6x faster together than
-    one 2-thread run (bench/bench_demo_step.py). A run left alone at the end gets every thread."""
+    cores / jobs threads each: on a 2-core CPU two single-thread runs train ~1.6x faster together
+    than one 2-thread run (bench/bench_demo_step.py). A run left alone at the end gets every thread."""
     cpus = os.cpu_count() or 1
     work = [(name, seed) for seed in mode.seeds for name in names]
     if jobs <= 1 or len(work) == 1:
         return {(n, s): run_variant(mode, load_variant(n), data, out, s, cache_dir, log) for n, s in work}
-    per_job = max(1, cpus // jobs)
+    per_job = threads_per_run(jobs, len(work))
     paired = len(work) - len(work) % jobs
     args = [(mode, n, data, out, s, cache_dir, per_job if i < paired else cpus) for i, (n, s) in enumerate(work)]
     results = {}
@@ -161,9 +170,9 @@ def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Pat
 
 def warm_text_cache(model_name: str, data: Path, cache_dir: Path, log) -> None:
     """Caches the frozen text trunk's features of every training text once, before workers start."""
-    from .data.loader import load_manifest, unique_texts
-    from .models.registry import create_model, get_tokenizer
-    from .training.text_cache import build_text_cache
+    from holiclip.data.loader import load_manifest, unique_texts
+    from holiclip.models.registry import create_model, get_tokenizer
+    from holiclip.training.text_cache import build_text_cache
 
     model = create_model(model_name, branches=["global"], lock_text=True)
     if not model.text_trunk_frozen():
@@ -196,7 +205,13 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 def run_demo(mode_name: str = "default", variants: list[str] | None = None, out: str | Path = "runs/demo",
              data_dir: str | Path | None = None, steps: int | None = None, seeds: int | None = None,
-             jobs: int | None = None, log=print) -> dict:
+             jobs: int | None = None, log=print, command: str | None = None) -> dict:
+    """Builds or reuses the data, trains and evaluates every variant and seed, writes the report.
+    ``command`` is what the report names as the command that produced it (the CLI passes its own)."""
+    if command is None:
+        given = {"variants": variants, "out": str(out), "data_dir": data_dir, "steps": steps, "seeds": seeds,
+                 "jobs": jobs}
+        command = f"run_demo({mode_name!r}" + "".join(f", {k}={v!r}" for k, v in given.items() if v is not None) + ")"
     mode = MODES[mode_name]
     if steps:
         mode = replace(mode, steps=steps)
@@ -224,6 +239,7 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
     for model_name in models:
         warm_text_cache(model_name, data, cache_dir, log)
     runs = run_jobs(mode, names, data, out, cache_dir, jobs, log)
+    n_runs = len(runs)
     results = {}
     for name in names:
         per_seed = [runs[(name, s)] for s in mode.seeds]
@@ -235,6 +251,7 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
                    "variant_configs": {n: str(load_variant(n).config) for n in names},
                    "jobs": jobs, "slots": SLOTS, "data": str(data), "data_meta": _meta(data)},
         "timing": {"data_seconds": data_s, "total_seconds": time.perf_counter() - t_start},
+        "machine": describe_machine(max(1, min(jobs, n_runs)), threads_per_run(jobs, n_runs), command),
     }
     write_report(summary, out)
     return summary

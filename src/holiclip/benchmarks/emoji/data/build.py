@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..records import DataError
+from holiclip.data.records import DataError
 from . import backgrounds as bgs
 from .captions import SLOTS, STYLE_PHRASES, Captioner
 from .classes import CANDIDATES_FILE, EmojiClass, article, choose_classes
 from .scenes import compose, layout_ok, sample_count, sample_layout
-from .sources import STYLES, Sources, ensure_sources
+from .sources import STYLES, Sources, require_sources
 from .splits import TEST, TRAIN, VAL, balanced_mains, combination_table
 from .sprites import SpriteBank
 
@@ -127,8 +127,9 @@ class _SplitResult:
 
 
 def build(out: Path | str, params: EmojiParams | None = None, *, sources: Sources | None = None,
-          cache_dir: Path | str | None = None, fetch: bool = True, force: bool = False, log=print) -> dict:
-    """Build (or reuse) the dataset in ``out``; returns its meta (plus "root", "cached")."""
+          cache_dir: Path | str | None = None, force: bool = False, log=print) -> dict:
+    """Build (or reuse) the dataset in ``out``; returns its meta (plus "root", "cached"). ``sources``
+    default to the installed ones (:func:`~.sources.require_sources`: an error names what to install)."""
     params = params or PRESETS["default"]
     out = Path(out)
     for st in params.heldout_styles:
@@ -137,7 +138,7 @@ def build(out: Path | str, params: EmojiParams | None = None, *, sources: Source
     if not 1 <= params.classes < MASK_BACKGROUND:
         raise ValueError(f"classes must be 1..{MASK_BACKGROUND - 1} (uint8 class masks, {MASK_BACKGROUND} = background)")
     if sources is None:
-        sources = ensure_sources(cache_dir, fetch=fetch, styles=params.heldout_styles, log=log)
+        sources = require_sources(cache_dir, styles=params.heldout_styles)
     key = build_key(params, sources)
     if not force and is_complete(out, key):
         meta = json.loads((out / "meta.json").read_text())

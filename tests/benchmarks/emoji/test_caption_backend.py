@@ -1,10 +1,14 @@
-"""CLI shape (as mounted by holiclip.cli.app) and the scene backend adapter."""
+"""The emoji benchmark's ``scene`` captioning backend, found by name, through the caption CLI
+(its shape as mounted by holiclip.cli.app)."""
 import json
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
+from holiclip.benchmarks.emoji.caption_backend import SceneBackend
+from holiclip.captioning.backends import backend_names, make_backend
 from holiclip.cli.caption import app as caption_app
 
 from cap_helpers import make_images, read_jsonl
@@ -24,7 +28,7 @@ def _main_app() -> typer.Typer:
 
 def _emoji_like(tmp: Path) -> Path:
     imgs = make_images(tmp / "scenes", 3)
-    # shaped like holiclip.data.emoji's <split>.jsonl rows (extra fields are ignored)
+    # shaped like holiclip.benchmarks.emoji.data's <split>.jsonl rows (extra fields are ignored)
     rows = [{"id": f"train/{i:06d}", "image": f"scenes/{p.name}", "mask": f"masks/{i:06d}.png",
              "captions": {"web": f"web {i}", "detail": f"a {i} emoji on a grid", "background": f"plain {i}"},
              "objects": [{"class": 3, "name": "cat", "bbox": [0, 0, 4, 4]}], "main": 3} for i, p in enumerate(imgs)]
@@ -34,10 +38,19 @@ def _emoji_like(tmp: Path) -> Path:
     return f
 
 
+def test_scene_backend_is_found_by_name_through_its_entry_point():
+    # captioning/ never names the benchmark: the name comes from the entry point in pyproject.toml
+    assert backend_names() == ["openai", "hf", "scene"]
+    backend = make_backend("scene", "scene", caption_fn=lambda image, perspective: f"{perspective} of {image}")
+    assert isinstance(backend, SceneBackend) and backend.model == "scene"
+    with pytest.raises(ValueError, match="unknown backend 'gpt'; choose one of openai, hf, scene"):
+        make_backend("gpt", "m")
+
+
 def test_caption_group_shape_and_scene_backend(tmp_path: Path):
     data = _emoji_like(tmp_path)
     runner, main = CliRunner(), _main_app()
-    res = runner.invoke(main, ["caption", "--images", str(data), "--backend", "scene", "--perspectives",
+    res = runner.invoke(main, ["caption", "run", "--images", str(data), "--backend", "scene", "--perspectives",
                                "detail,background", "--out", str(tmp_path / "out"), "--no-progress"])
     assert res.exit_code == 1, res.output  # one look-up fails: reported, exit code says so
     assert "5 rows written" in res.output and "1 requests failed" in res.output
@@ -61,11 +74,13 @@ def test_caption_group_shape_and_scene_backend(tmp_path: Path):
 
 
 def test_caption_without_images_is_an_error_with_help():
-    res = CliRunner().invoke(_main_app(), ["caption"])
-    assert res.exit_code == 2 and "--images is required" in res.output and "merge" in res.output
-    res = CliRunner().invoke(caption_app, ["--images", "x", "--out", "o", "--backend", "gpt"])
+    res = CliRunner().invoke(_main_app(), ["caption"])  # the group alone: its help lists the commands
+    assert res.exit_code == 2 and "merge" in res.output and "stats" in res.output
+    res = CliRunner().invoke(_main_app(), ["caption", "run"])
+    assert res.exit_code == 2 and "--images is required" in res.output
+    res = CliRunner().invoke(caption_app, ["run", "--images", "x", "--out", "o", "--backend", "gpt"])
     assert res.exit_code == 2 and "--backend 'gpt'" in res.output
-    res = CliRunner().invoke(caption_app, ["--images", "x", "--out", "o", "--model", "m", "--shard", "3/2"])
+    res = CliRunner().invoke(caption_app, ["run", "--images", "x", "--out", "o", "--model", "m", "--shard", "3/2"])
     assert res.exit_code == 2 and "--shard '3/2'" in res.output
 
 
@@ -75,7 +90,7 @@ def test_torchrun_ranks_split_the_shard(tmp_path: Path, monkeypatch):
     for rank in (0, 1):  # what two torchrun ranks would run, one after the other
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        res = CliRunner().invoke(caption_app, ["--images", str(data), "--backend", "scene", "--perspectives", "detail",
+        res = CliRunner().invoke(caption_app, ["run", "--images", str(data), "--backend", "scene", "--perspectives", "detail",
                                                "--out", str(tmp_path / "out"), "--no-progress"])
         assert res.exit_code == 0, res.output
         got[rank] = read_jsonl(tmp_path / "out" / f"captions.{rank:05d}-of-00002.jsonl")
@@ -84,6 +99,6 @@ def test_torchrun_ranks_split_the_shard(tmp_path: Path, monkeypatch):
     # a later unsharded re-run sees every shard file and has nothing left to do
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
-    res = CliRunner().invoke(caption_app, ["--images", str(data), "--backend", "scene", "--perspectives", "detail",
+    res = CliRunner().invoke(caption_app, ["run", "--images", str(data), "--backend", "scene", "--perspectives", "detail",
                                            "--out", str(tmp_path / "out"), "--no-progress"])
     assert res.exit_code == 0 and "0 rows written" in res.output and "(3 already done)" in res.output
