@@ -12,12 +12,11 @@ from core_utils import SMALL_CONFIGS
 from safetensors.torch import save_file
 
 import holiclip
-from holiclip.models.branches import BranchLinear, MultiBranchViT
+from holiclip.models.branches import ENCODERS, BranchLinear, MultiBranchViT
 from holiclip.models.registry import load_holistic_state
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ENCODERS = ("cls", "mlp")
 FIVE = ("web", "detail", "background", "main", "style")
 # one transformer layer: a class token's output depends only on its own and the patches' inputs
 ONE_LAYER = {

@@ -88,6 +88,16 @@ def test_missing_slot_error_names_place_and_counts(data):
     assert rep.written == 3 and read_jsonl(tmp / "t.jsonl")[2]["captions"]["detail@llava-1.5-7b-hf"].startswith("I'm sorry")
 
 
+def test_merge_failing_while_writing_keeps_the_old_output_and_no_temp_file(data):
+    tmp, _, _ = data
+    out = tmp / "out" / "t.jsonl"
+    out.parent.mkdir()
+    out.write_text("previous\n")
+    with pytest.raises(ValueError, match=r"slot 'background' missing and fill source 'background' missing too"):
+        merge_captions([tmp / "qwen"], out, missing="fill:background")  # c.jpg has no background
+    assert [p.name for p in out.parent.iterdir()] == ["t.jsonl"] and out.read_text() == "previous\n"
+
+
 def test_merge_input_errors(data):
     tmp, _, web = data
     with pytest.raises(MergeError, match=r"--slots \['colour'\] not found.*available slots: web"):

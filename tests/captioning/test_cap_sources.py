@@ -38,6 +38,15 @@ def test_jsonl_error_names_file_and_line(tmp_path: Path):
         list(ImageSource(jl))
 
 
+@pytest.mark.parametrize("name, text", [("y.jsonl", b'{"image": "a.png"}\n{"image": "caf\xe9.png"}\n'),
+                                        ("y.txt", b"a.png\ncaf\xe9.png\n")])
+def test_source_not_utf8_names_file_line_and_column(tmp_path: Path, name: str, text: bytes):
+    src = tmp_path / name
+    src.write_bytes(text)
+    with pytest.raises(SourceError, match=rf"{name}:2: not valid UTF-8 \(byte 0xe9 at column \d+\)"):
+        list(ImageSource(src))
+
+
 def test_shards_partition_the_images(tmp_path: Path):
     make_images(tmp_path / "imgs", 10)
     parts = [[it.key for it in ImageSource(tmp_path / "imgs", (i, 3))] for i in range(3)]

@@ -30,8 +30,16 @@ def test_bad_middle_line_is_reported_not_fatal(tmp_path: Path):
     f.write_text(json.dumps(_row(1)) + "\n{oops\n" + json.dumps({"image": 1}) + "\n" + json.dumps(_row(2)) + "\n")
     problems = ReadProblems()
     assert len(list(read_rows(f, problems))) == 2
-    assert any(":2: invalid JSON" in p for p in problems.items)
+    assert any(":2: malformed JSON" in p for p in problems.items)
     assert any(":3: not a caption row" in p for p in problems.items)
+
+
+def test_line_not_utf8_is_reported_with_its_column(tmp_path: Path):
+    f = tmp_path / "captions.jsonl"
+    f.write_bytes(json.dumps(_row(1)).encode() + b"\n" + json.dumps(_row(2)).encode().replace(b"tt", b"t\xe9") + b"\n")
+    problems = ReadProblems()
+    assert [r["text"] for _, r in read_rows(f, problems)] == ["t"]
+    assert len(problems.items) == 1 and "captions.jsonl:2: not valid UTF-8 (byte 0xe9 at column" in problems.items[0]
 
 
 def test_second_writer_on_same_file_is_refused(tmp_path: Path):

@@ -60,6 +60,12 @@ def test_long_caption_formats(tmp_path):
         load_retrieval(tmp_path / "dci.jsonl")
 
 
+def test_format_detection_names_the_line_of_a_malformed_first_row(tmp_path):
+    (tmp_path / "x.jsonl").write_text('\n{"image": "a.jpg", "caption": \n')
+    with pytest.raises(DataError, match=r"x\.jsonl:2: malformed JSON"):
+        detect_format(tmp_path / "x.jsonl")
+
+
 def test_urban1k_folder(tmp_path, solid_image):
     (tmp_path / "image").mkdir()
     (tmp_path / "caption").mkdir()

@@ -29,10 +29,11 @@ from typing import Iterable, Mapping, Sequence
 
 from holiclip.data.readers import read_jsonl
 from holiclip.data.records import DataError, apply_missing_slot_policy, parse_policy
+from holiclip.io import atomic_path
 
 from .perspectives import PAPER_PERSPECTIVES
 from .quality import MISSING_FLAGS, caption_flags
-from .sources import WDS_SEP
+from .sources import WDS_SEP, file_key
 from .store import ReadProblems, caption_files, read_rows
 
 
@@ -66,9 +67,7 @@ class CaptionTable:
 
 
 def _abs_key(image: str, base: Path) -> str:
-    if WDS_SEP in image or os.path.isabs(image):
-        return image
-    return os.path.abspath(os.path.join(base, image))
+    return image if WDS_SEP in image else file_key(image, base)
 
 
 def read_caption_dir(folder: str | os.PathLike, table: CaptionTable) -> None:
@@ -77,11 +76,11 @@ def read_caption_dir(folder: str | os.PathLike, table: CaptionTable) -> None:
     if not files:
         raise MergeError(f"{folder}: no captions*.jsonl in this folder")
     for path in files:
-        for lineno, row in read_rows(path, table.problems):
+        for where, row in read_rows(path, table.problems):
             table.add(
                 _abs_key(str(row["image"]), folder),
                 (str(row["perspective"]), str(row["model"])),
-                Caption(str(row["text"]), row.get("finish_reason"), f"{path}:{lineno}"),
+                Caption(str(row["text"]), row.get("finish_reason"), where),
             )
 
 
@@ -271,9 +270,9 @@ def _refuse_missing(rows: list[Row], rep: MergeReport, origin: Mapping[str, str]
 def _write_rows(out: Path, rows: list[Row], missing: str, origin: Mapping[str, str], rep: MergeReport) -> None:
     """Applies the missing-slot policy and writes the training JSONL; image paths relative to it."""
     out_dir = Path(os.path.abspath(out)).parent  # abspath like the image keys (no symlink resolving)
-    tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
+    # atomic: a crash never leaves half a training file
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for image, texts, lacking in rows:
             got = apply_missing_slot_policy(texts, rep.slots, missing, origin[image])
             if got is None:
@@ -283,4 +282,3 @@ def _write_rows(out: Path, rows: list[Row], missing: str, origin: Mapping[str, s
             path = image if WDS_SEP in image else os.path.relpath(image, out_dir)
             f.write(json.dumps({"image": path, "captions": dict(zip(rep.slots, got))}, ensure_ascii=False) + "\n")
             rep.written += 1
-    os.replace(tmp, out)  # atomic: a crash never leaves half a training file

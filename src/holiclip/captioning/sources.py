@@ -11,13 +11,14 @@ JSONL convention). Sources are lazy: millions of paths are never held as image b
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from holiclip.data.readers import IMAGE_EXTENSIONS, WDS_IMAGE_KEYS, resolve_path
+from holiclip.io import jsonl_rows, text_lines
+
 WDS_EXTS = (".tar", ".tar.gz", ".tgz")
 WDS_SEP = "::"
 
@@ -65,8 +66,9 @@ def _is_wds(src: str) -> bool:
     return src.endswith(WDS_EXTS) or ("{" in src and ".." in src)
 
 
-def _abs(path: str, base: Path) -> str:
-    return os.path.abspath(path if os.path.isabs(path) else os.path.join(base, path))
+def file_key(path: str, base: str | Path) -> str:
+    """The key of an image file named in a file in folder ``base`` (see the module docstring)."""
+    return os.path.abspath(resolve_path(base, path))
 
 
 def _shard_urls(src: str) -> list[str]:
@@ -94,7 +96,7 @@ class ImageSource:
         p = Path(self.src)
         if p.is_dir():
             has_tars = any(q.name.endswith(WDS_EXTS) for q in p.iterdir())
-            has_images = any(q.suffix.lower() in IMAGE_EXTS for q in p.iterdir())
+            has_images = any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir())
             self.kind = "webdataset" if has_tars and not has_images else "folder"
         elif _is_wds(self.src):
             self.kind = "webdataset"
@@ -112,27 +114,20 @@ class ImageSource:
             for root, dirs, files in os.walk(p):
                 dirs.sort()  # deterministic order, so shards are stable between runs
                 for name in sorted(files):
-                    if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
+                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                         yield os.path.abspath(os.path.join(root, name))
         elif self.kind == "jsonl":
-            with open(p, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise SourceError(f"{p}:{lineno}: invalid JSON: {err}") from err
-                    img = row.get("image") if isinstance(row, dict) else None
-                    if not isinstance(img, str) or not img:
-                        raise SourceError(f"{p}:{lineno}: missing string field 'image'")
-                    yield _abs(img, p.parent)
+            for where, row in jsonl_rows(p, error=SourceError):
+                img = row.get("image")
+                if not isinstance(img, str) or not img:
+                    raise SourceError(f"{where}: missing string field 'image'")
+                yield file_key(img, p.parent)
         else:  # text list: one path per line, '#' starts a comment line
-            with open(p, encoding="utf-8") as f:
-                for line in f:
+            with open(p, "rb") as f:
+                for line in text_lines(f, p, SourceError):
                     line = line.strip()
                     if line and not line.startswith("#"):
-                        yield _abs(line, p.parent)
+                        yield file_key(line, p.parent)
 
     def __iter__(self) -> Iterator[ImageItem]:
         i, n = self.shard
@@ -150,9 +145,9 @@ class ImageSource:
 
         ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
         for sample in ds:
-            ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            ext = next((e for e in WDS_IMAGE_KEYS if e in sample), None)
             if ext is None:
-                ext = next((e for e in sample if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
+                ext = next((e for e in sample if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
             if ext is None:
                 raise SourceError(
                     f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no image member"

@@ -11,13 +11,14 @@ transformers' AutoModel/AutoTokenizer and mean pooling, as sentence-transformers
 """
 from __future__ import annotations
 
-import importlib.util
 import random
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+
+from holiclip.io import package_path
 
 from .merge import assign_slot_names, default_slot_order, named_captions, read_inputs
 from .quality import FLAGS, MISSING_FLAGS, caption_flags, duplicate_slots, normalise
@@ -30,8 +31,7 @@ class EmbedderUnavailable(RuntimeError):
 
 
 def default_minilm_path() -> Path:
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    path = Path(spec.origin).parent / "model" if spec and spec.origin else None
+    path = package_path(MINILM_PACKAGE, "model")
     if path is None or not (path / "config.json").exists():
         raise EmbedderUnavailable(
             "text diversity needs a sentence embedder: install the MiniLM package "

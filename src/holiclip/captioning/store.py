@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from holiclip.io import jsonl_rows
+
 try:  # POSIX only; elsewhere the same-file guard is skipped
     import fcntl
 except ImportError:  # pragma: no cover
@@ -50,30 +52,16 @@ class ReadProblems:
         self.items.append(f"{path}:{lineno}: {why}")
 
 
-def read_rows(path: str | os.PathLike, problems: ReadProblems | None = None) -> Iterator[tuple[int, dict]]:
-    """Yields ``(line number, row)``; skips (and records) a torn last line and bad lines."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        lineno = 0
-        for raw in f:
-            lineno += 1
-            if not raw.endswith(b"\n"):
-                if raw.strip() and problems is not None:
-                    problems.add(path, lineno, "torn final line (interrupted write), skipped")
-                break
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                if problems is not None:
-                    problems.add(path, lineno, f"invalid JSON, skipped ({err})")
-                continue
-            if not isinstance(row, dict) or any(k not in row for k in ("image", "perspective", "model", "text")):
-                if problems is not None:
-                    problems.add(path, lineno, "not a caption row (needs image, perspective, model, text), skipped")
-                continue
-            yield lineno, row
+def _caption_row(row: dict, where: str) -> dict:
+    if any(k not in row for k in ("image", "perspective", "model", "text")):
+        raise ValueError(f"{where}: not a caption row (needs image, perspective, model, text)")
+    return row
+
+
+def read_rows(path: str | os.PathLike, problems: ReadProblems | None = None) -> Iterator[tuple[str, dict]]:
+    """Yields ``("file:line", row)``; skips (and records) a torn last line and bad lines."""
+    skipped = None if problems is None else (lambda message: problems.items.append(f"{message}, skipped"))
+    yield from jsonl_rows(path, _caption_row, on_error="skip", skipped=skipped, torn_tail=True)
 
 
 def repair_torn_tail(path: str | os.PathLike) -> int:

@@ -17,6 +17,8 @@ import typer
 
 from holiclip.captioning.perspectives import DEFAULT_PERSPECTIVES
 
+from ._options import comma_list
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
@@ -44,14 +46,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise _err(f"--shard {text!r}: need 0 <= i < n")
     # Under torchrun each rank further splits its shard (rank r of w: part i*w + r of n*w).
-    from holiclip.captioning.backends.hf import dist_env
+    from holiclip.io import torchrun_env
 
-    rank, world, _ = dist_env()
+    try:
+        rank, world, _ = torchrun_env()
+    except ValueError as err:
+        raise _err(str(err)) from None
     return (i * world + rank, n * world) if world > 1 else (i, n)
-
-
-def _split(text: str | None) -> list[str]:
-    return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
 @app.command("run")
@@ -152,8 +153,8 @@ def merge_cmd(
     from holiclip.data.records import DataError
 
     try:
-        rep = merge_captions(dirs, out, web_captions=web_captions, list_slots=_split(research_slots) or None,
-                             slots=_split(slots) or None, missing=missing, aliases=_aliases(alias),
+        rep = merge_captions(dirs, out, web_captions=web_captions, list_slots=comma_list(research_slots),
+                             slots=comma_list(slots), missing=missing, aliases=_aliases(alias),
                              model_suffix=model_suffix, keep_flagged=keep_flagged)
     except (DataError, ValueError, FileNotFoundError) as err:
         raise _err(str(err)) from None
@@ -190,7 +191,7 @@ def stats_cmd(
     try:
         emb = MiniLMEmbedder(embedder) if (diversity and embedder) else None
         st = compute_stats(inputs, embedder=emb, diversity=diversity, max_images=max_images,
-                           list_slots=_split(research_slots) or None, aliases=_aliases(alias),
+                           list_slots=comma_list(research_slots), aliases=_aliases(alias),
                            model_suffix=model_suffix)
     except (EmbedderUnavailable, DataError, ValueError, FileNotFoundError) as err:
         raise _err(str(err)) from None

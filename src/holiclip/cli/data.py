@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ._options import comma_list
+
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Build and inspect datasets (built-in emoji benchmark).")
 console = Console()
@@ -35,7 +37,7 @@ def emoji(
     from holiclip.benchmarks.emoji.data import build as B
     from holiclip.benchmarks.emoji.data.sources import MissingSourcesError
 
-    styles = tuple(s for s in heldout_styles.split(",") if s) if heldout_styles is not None else None
+    styles = tuple(comma_list(heldout_styles) or ()) if heldout_styles is not None else None
     if max_objects is not None and not 1 <= max_objects <= 4:
         raise typer.BadParameter("--max-objects must be 1 to 4")
     try:
@@ -84,7 +86,7 @@ def sources(
     (`make emoji-sources` installs them)."""
     from holiclip.benchmarks.emoji.data.sources import MissingSourcesError, require_sources
 
-    wanted = tuple(s for s in styles.split(",") if s)
+    wanted = tuple(comma_list(styles) or ())
     try:
         src = require_sources(cache_dir, styles=wanted)
     except ValueError as err:  # an unknown style

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from ._options import comma_list
+
 
 def app(
     quick: bool = typer.Option(False, "--quick", help="Tiny data, a few steps (a smoke test, under a minute)."),
@@ -24,7 +26,7 @@ def app(
     if quick and full:
         raise typer.BadParameter("--quick and --full exclude each other")
     mode = "quick" if quick else "full" if full else "default"
-    names = [v.strip() for v in variants.split(",")] if variants else None
+    names = comma_list(variants)
     # the report names the command that produced it: these options, as given
     given = {"--quick": quick, "--full": full, "--variants": variants, "--out": out, "--data": data,
              "--steps": steps, "--seeds": seeds, "--jobs": jobs}

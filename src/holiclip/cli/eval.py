@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ._options import comma_list
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evaluate a checkpoint.")
 
 # -- shared options ------------------------------------------------------------------------
@@ -26,10 +28,6 @@ StratifiedLimit = Annotated[Optional[int], typer.Option(
     "--limit", help="Only N images (quick checks): a seeded subset taking every class in turn.")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
 Templates = Annotated[str, typer.Option("--templates", help="openai | simple | a file with one '{}' template per line.")]
-
-
-def _csv(value: Optional[str]) -> Optional[list[str]]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def _run(task: str, checkpoint, model, pretrained, device, out, percent: bool = True, **options) -> dict:
@@ -85,8 +83,8 @@ def retrieval(
     """Image-text recall@1/5/10 both ways (several captions per image)."""
     _run(
         "retrieval", checkpoint, model, pretrained, device, out, data=data, fmt=fmt, image_root=image_root, split=split,
-        slots=_csv(slots), text_field=text_field, long_text=long_text, identical_captions_as_hits=identical_as_hits,
-        fusion=fusion, branches=_csv(branches), per_branch=per_branch, chunk_size=chunk_size, batch_size=batch_size,
+        slots=comma_list(slots), text_field=text_field, long_text=long_text, identical_captions_as_hits=identical_as_hits,
+        fusion=fusion, branches=comma_list(branches), per_branch=per_branch, chunk_size=chunk_size, batch_size=batch_size,
         num_workers=workers, limit=limit, progress=progress,
     )
 
@@ -115,7 +113,7 @@ def long_retrieval(
     """Retrieval with long captions (detail slot, ShareGPT4V / Urban1k / DCI-style files)."""
     _run(
         "long-retrieval", checkpoint, model, pretrained, device, out, data=data, fmt=fmt, image_root=image_root,
-        slots=_csv(slots), text_field=text_field, long_text=long_text, fusion=fusion, branches=_csv(branches),
+        slots=comma_list(slots), text_field=text_field, long_text=long_text, fusion=fusion, branches=comma_list(branches),
         per_branch=per_branch, batch_size=batch_size, num_workers=workers, limit=limit, progress=progress,
     )
 
@@ -141,7 +139,7 @@ def zeroshot(
     """Zero-shot classification on an ImageFolder: top-1/top-5, per-class recall."""
     _run(
         "zeroshot", checkpoint, model, pretrained, device, out, data=data, classnames=classnames, templates=templates,
-        fusion=fusion, branches=_csv(branches), per_branch=per_branch, batch_size=batch_size, num_workers=workers,
+        fusion=fusion, branches=comma_list(branches), per_branch=per_branch, batch_size=batch_size, num_workers=workers,
         limit=limit, progress=progress,
     )
 
@@ -166,7 +164,7 @@ def dense(
     """Open-vocabulary segmentation from patch tokens; mIoU against class-index masks."""
     _run(
         "dense", checkpoint, model, pretrained, device, out, data=data, classes=classes, templates=templates,
-        fusion=fusion, branches=_csv(branches), per_branch=per_branch, batch_size=batch_size, limit=limit,
+        fusion=fusion, branches=comma_list(branches), per_branch=per_branch, batch_size=batch_size, limit=limit,
         progress=progress,
     )
 
@@ -185,6 +183,6 @@ def diversity(
 ) -> None:
     """Mean cosine similarity between an image's texts, per slot pair (paper Table 9)."""
     _run(
-        "diversity", checkpoint, model, pretrained, device, out, percent=False, data=data, slots=_csv(slots),
+        "diversity", checkpoint, model, pretrained, device, out, percent=False, data=data, slots=comma_list(slots),
         limit=limit, progress=progress,
     )

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ._options import comma_list
+
 
 def app(
     image: Annotated[Path, typer.Argument(help="Image file.")],
@@ -24,7 +26,7 @@ def app(
 
     try:
         em = load_eval_model(checkpoint, model, pretrained, device)
-        pick = [b.strip() for b in branches.split(",") if b.strip()] if branches else None
+        pick = comma_list(branches)
         path = explain_image(em.model, image, out, branches=pick, device=em.device, title=f"{em.name} ({Path(em.pretrained).name})")
         rows = [r for r in attention_summary(em.model, image, em.device) if pick is None or r["branch"] in pick]
     except (FileNotFoundError, KeyError, ValueError) as err:

@@ -5,6 +5,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ._options import comma_list
+
 app = typer.Typer(no_args_is_help=True)
 
 
@@ -24,7 +26,7 @@ def info(name: str, encoder: str = "cls", branches: str = "web,detail,background
     """Parameter counts of a model with the given branches."""
     from ..models.registry import create_model
 
-    names = [b for b in branches.split(",") if b]
+    names = comma_list(branches) or []
     model = create_model(name, encoder=encoder, branches=names, pretrained_text=False)
     base = create_model(name, encoder=encoder, branches=names[:1], pretrained_text=False)
     total = sum(p.numel() for p in model.parameters())

@@ -292,21 +292,25 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return TF.center_crop(TF.resize(image, size, interpolation=InterpolationMode.BICUBIC), size)
 
 
-def tensor_transform(image_size: int, mean: Sequence[float], std: Sequence[float], augment: bool = False,
+def tensor_transform(image_size: int | tuple[int, int], mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None, augment: bool = False,
                      scale: tuple[float, float] = (0.9, 1.0)) -> Callable:
-    """For cached float images already at the model's resolution: open_clip's training crop
-    (RandomResizedCrop, ``scale``, bicubic) when ``augment``, then normalisation."""
+    """For float images (C, H, W) in [0, 1] already at the model's resolution (cached training
+    images, evaluation inputs): open_clip's training crop (RandomResizedCrop, ``scale``, bicubic)
+    when ``augment``, then normalisation, by default with open_clip's (OpenAI's) mean and std."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
-    crop = RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    mean_t = torch.tensor(OPENAI_DATASET_MEAN if mean is None else mean).view(3, 1, 1)
+    std_t = torch.tensor(OPENAI_DATASET_STD if std is None else std).view(3, 1, 1)
+    crop = RandomResizedCrop((h, w), scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         if augment:
             x = crop(x).clamp_(0.0, 1.0)  # bicubic overshoots; PIL's clips to [0, 255]
-        elif x.shape[-1] != image_size or x.shape[-2] != image_size:
-            raise ValueError(f"cached image is {tuple(x.shape[-2:])}, expected {image_size}x{image_size}")
+        elif tuple(x.shape[-2:]) != (h, w):
+            raise ValueError(f"image is {tuple(x.shape[-2:])}, expected the model's {h}x{w}")
         return (x - mean_t) / std_t
 
     return apply

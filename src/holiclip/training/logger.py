@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..io import atomic_path, jsonl_rows
+
+
+def _with_step(row: dict, where: str) -> tuple[int, dict]:
+    try:
+        return int(row["step"]), row
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{where}: no integer 'step'") from None
 
 
 class MetricLogger:
@@ -33,24 +41,19 @@ class MetricLogger:
         if not self.path.exists():
             return None
         rows: dict[int, dict] = {}
-        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        later = torn = 0
-        for line in lines:
-            try:
-                row = json.loads(line)
-                row_step = int(row["step"])
-            except (ValueError, KeyError, TypeError):  # a row cut short when the run was killed
-                torn += 1
-                continue
+        unreadable: list[str] = []  # e.g. a row cut short when the run was killed
+        read = later = 0
+        for _, (row_step, row) in jsonl_rows(self.path, _with_step, on_error="skip", skipped=unreadable.append):
+            read += 1
             if row_step > step:
                 later += 1
             else:
                 rows[row_step] = row  # a step logged twice (older versions): the later row stands
-        if len(rows) != len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for _, r in sorted(rows.items())), encoding="utf-8")
-            os.replace(tmp, self.path)
-            repeated = len(lines) - len(rows) - later - torn
+        torn = len(unreadable)
+        if len(rows) != read + torn:
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for _, r in sorted(rows.items())), encoding="utf-8")
+            repeated = read - len(rows) - later
             parts = {f"{later} row(s) after step {step} (logged after the checkpoint this run starts from)": later,
                      f"{torn} unreadable row(s)": torn, f"{repeated} repeated step(s)": repeated}
             print(f"{self.path}: dropped " + ", ".join(k for k, n in parts.items() if n), file=sys.stderr, flush=True)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from ..io import atomic_path
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -83,7 +84,6 @@ def build_text_cache(model, tokenizer, texts: list[str], cache_dir: str | Path, 
         known = known + missing
         index = {t: i for i, t in enumerate(known)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent runs never share a temp file
-        save_file({"features": features.contiguous()}, str(tmp), metadata={"texts": json.dumps(known)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # concurrent runs write their own temp files; the last rename wins
+            save_file({"features": features.contiguous()}, str(tmp), metadata={"texts": json.dumps(known)})
     return features, index

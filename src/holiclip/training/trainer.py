@@ -1,7 +1,6 @@
 """The training loop: one process or torchrun, exact resume, bad-input accounting."""
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -15,11 +14,11 @@ from torch.utils.data import DataLoader
 from .. import _compat
 
 _compat.ensure_torchvision_importable()
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
 
 from ..data.loader import (  # noqa: E402
     Collate, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, tensor_transform, unique_texts,
 )
+from ..io import jsonl_rows  # noqa: E402
 from ..loss import M2MLoss  # noqa: E402
 from ..models.registry import create_model, get_tokenizer, get_transforms, save_model  # noqa: E402
 from . import checkpoint as ckpt  # noqa: E402
@@ -89,7 +88,7 @@ class Trainer:
         # open_clip's training transform (RandomResizedCrop, scale 0.9-1.0) as the research code, unless
         # data.augment=false; the cached path crops the same way from evaluation-resized images
         transform = (
-            tensor_transform(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, augment=cfg.data.augment)
+            tensor_transform(size, augment=cfg.data.augment)
             if cfg.data.cache_images else get_transforms(self.model, is_train=cfg.data.augment)
         )
         self.dataset = MultiTextDataset(self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size,
@@ -304,4 +303,4 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [row for _, row in jsonl_rows(path)] if path.exists() else []

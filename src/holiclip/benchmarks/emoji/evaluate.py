@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from holiclip.data.loader import tensor_transform
@@ -38,8 +37,7 @@ ROUTES = {"short": "web", "long": "detail", "zeroshot_main": "main", "zeroshot_h
 @torch.no_grad()
 def encode_array(model, images, batch_size: int = 256) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, H, D) branch embeddings; S must be the model's input size."""
-    size = model.image_size[0] if isinstance(model.image_size, tuple) else model.image_size
-    normalise = tensor_transform(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)  # the training loader's
+    normalise = tensor_transform(model.image_size)  # the training loader's
     out = []
     for s in range(0, len(images), batch_size):
         x = torch.from_numpy(images[s: s + batch_size].copy()).permute(0, 3, 1, 2).float().div_(255)

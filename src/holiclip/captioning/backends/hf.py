@@ -13,19 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 from typing import Sequence
 
+from holiclip.io import torchrun_env
+
 from . import CaptionError, CaptionRequest, CaptionResult
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return (
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
 
 
 def _pick_device(device: str) -> str:
@@ -34,7 +26,7 @@ def _pick_device(device: str) -> str:
     if device != "auto":
         return device
     if torch.cuda.is_available():
-        return f"cuda:{dist_env()[2] % torch.cuda.device_count()}"
+        return f"cuda:{torchrun_env().local_rank % torch.cuda.device_count()}"
     return "cpu"
 
 

@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image
 
 from holiclip.data.records import DataError
+from holiclip.io import jsonl_rows
+
 from . import backgrounds as bgs
 from .captions import SLOTS, STYLE_PHRASES, Captioner
 from .classes import CANDIDATES_FILE, EmojiClass, article, choose_classes
@@ -335,8 +337,7 @@ def _licences(styles) -> str:
 
 # -- loaders ---------------------------------------------------------------------------
 def read_rows(root: Path | str, split: str) -> list[dict]:
-    with open(Path(root) / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in jsonl_rows(Path(root) / f"{split}.jsonl", error=DataError)]
 
 
 def load_split(root: Path | str, split: str, mmap: bool = False) -> tuple[np.ndarray, list[dict]]:
