@@ -97,9 +97,10 @@ def run_cmd(
     from holiclip.captioning.pipeline import RunAborted, run_captioning
     from holiclip.captioning.sources import ImageSource
 
+    shard_of = _parse_shard(shard)  # outside the try below: its typer.Exit is a RuntimeError
     try:
         persp = resolve_perspectives(perspectives, perspectives_file)
-        source = ImageSource(images, _parse_shard(shard))
+        source = ImageSource(images, shard_of)
         if backend == "openai":
             opts = dict(base_url=base_url, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
                         temperature=temperature, max_image_side=max_image_side)
