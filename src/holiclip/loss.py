@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from open_clip.loss import gather_features
 from torch import nn
-
-from . import _compat
-
-_compat.ensure_torchvision_importable()
-from open_clip.loss import gather_features  # noqa: E402
 
 
 class _ContiguousGrad(torch.autograd.Function):

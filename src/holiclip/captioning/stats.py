@@ -46,9 +46,6 @@ class MiniLMEmbedder:
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
                  max_length: int = 256):
-        from holiclip._compat import ensure_torchvision_importable
-
-        ensure_torchvision_importable()
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path) if path else default_minilm_path()

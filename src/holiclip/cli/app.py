@@ -5,13 +5,15 @@ import importlib
 
 import typer
 
+from holiclip import console
+
 # no local variables in an unexpected traceback: they can hold an API key
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Holistic CLIP: train, caption, evaluate, demo.")
 
 # (module, attribute, name, help); a group module exposes a typer.Typer named `app`,
-# a single command module a function. Missing modules are skipped so that a partial
-# install still shows what it has.
+# a single command module a function. Each module imports its heavy dependencies inside its
+# commands, so that --help stays fast.
 _GROUPS = [
     ("holiclip.cli.models", "app", "models", "List and inspect architectures."),
     ("holiclip.cli.train", "app", "train", "Train Holistic CLIP / CLIP / O2M from a YAML config."),
@@ -23,13 +25,7 @@ _GROUPS = [
 ]
 
 for module_name, attr, name, help_text in _GROUPS:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            continue
-        raise
-    obj = getattr(module, attr)
+    obj = getattr(importlib.import_module(module_name), attr)
     if isinstance(obj, typer.Typer):
         app.add_typer(obj, name=name, help=help_text)
     else:
@@ -37,6 +33,7 @@ for module_name, attr, name, help_text in _GROUPS:
 
 
 def main() -> None:
+    console.setup()
     app()
 
 

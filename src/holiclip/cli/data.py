@@ -45,7 +45,7 @@ def emoji(
                           heldout=heldout, heldout_styles=styles, max_objects=max_objects, seed=seed)
         root = out or Path(".cache") / f"emoji-{preset}"
         with console.status("building emoji benchmark..."):
-            meta = B.build(root, params, cache_dir=cache_dir, force=force, log=lambda m: console.log(m))
+            meta = B.build(root, params, cache_dir=cache_dir, force=force)
     except MissingSourcesError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1)

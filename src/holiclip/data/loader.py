@@ -8,8 +8,8 @@ twice), counted, and summarised; the run stops with a clear message only above
 from __future__ import annotations
 
 import io
+import logging
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,6 +21,8 @@ from torch.utils.data import Dataset, Sampler
 
 from .readers import read_samples
 from .records import DataError, apply_missing_slot_policy
+
+log = logging.getLogger(__name__)
 
 MAX_SUBSTITUTIONS = 16
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own warning limit (data.max_image_pixels)
@@ -129,11 +131,11 @@ class LoadedManifest:
                          + "; ".join(self.dropped_examples[:3]))
         return "\n".join(lines)
 
-    def report(self, file=None) -> None:
-        """Prints :meth:`summary` (to stderr by default) when rows were left out."""
+    def report(self) -> None:
+        """Logs :meth:`summary` as a warning when rows were left out."""
         text = self.summary()
         if text:
-            print(text, file=file or sys.stderr, flush=True)
+            log.warning("%s", text)
 
 
 def load_manifest(

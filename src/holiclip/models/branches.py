@@ -22,14 +22,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.utils import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from .. import _compat
-
-_compat.ensure_torchvision_importable()
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer  # noqa: E402
-from open_clip.utils import feature_take_indices  # noqa: E402
 
 ENCODERS = ("cls", "mlp")
 

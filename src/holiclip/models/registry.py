@@ -2,21 +2,19 @@
 ``holistic`` section), model creation and pretrained weights loading into H branches."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+import open_clip
 import torch
 
-from .. import _compat
-
-_compat.ensure_torchvision_importable()
-import open_clip  # noqa: E402
-
-from ..io import atomic_path, package_path, read_json  # noqa: E402
-from .holistic import HolisticCLIP  # noqa: E402
+from ..io import atomic_path, package_path, read_json
+from .holistic import HolisticCLIP
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _EXTRA_CONFIGS: dict[str, dict] = {}
@@ -65,6 +63,38 @@ def resolve_package_path(ref: str) -> str:
     return str(path)
 
 
+class _UnusedWeightsReport(logging.Filter):
+    """Drops transformers' LOAD REPORT when all it lists is UNEXPECTED checkpoint weights, ones the
+    tower leaves unused (open_clip builds a mean-pooled MiniLM without BERT's pooler); missing or
+    mismatched weights are still reported (and a mismatch still raises)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("LOAD REPORT" in text and "UNEXPECTED" in text
+                    and not any(word in text for word in ("MISSING", "MISMATCH", "CONVERSION")))
+
+
+@contextlib.contextmanager
+def _quiet_hf_load():
+    """A pretrained Hugging Face text tower loads without the per-process weights progress bar and
+    the report of unused weights (one of each per demo worker otherwise)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # no HF tower without transformers
+        yield
+        return
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    quiet, bars = _UnusedWeightsReport(), hf_logging.is_progress_bar_enabled()
+    logger.addFilter(quiet)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _build_clip(cfg: dict, pretrained_text: bool) -> torch.nn.Module:
     cfg = copy.deepcopy(cfg)
     cfg.pop("holistic", None)
@@ -77,6 +107,9 @@ def _build_clip(cfg: dict, pretrained_text: bool) -> torch.nn.Module:
     unknown = set(cfg) - known
     if unknown:
         raise ValueError(f"unsupported model config keys: {sorted(unknown)}")
+    if cfg.get("text_cfg", {}).get("hf_model_pretrained"):
+        with _quiet_hf_load():
+            return cls(**cfg)
     return cls(**cfg)
 
 

@@ -2,11 +2,11 @@
 and the run folder's guard (a new run never mixes with the run already there)."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,8 @@ CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "config.yaml")
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "counters", "rng")
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the file."""
@@ -28,10 +30,6 @@ class CheckpointError(ValueError):
 
 class RunFolderError(ValueError):
     """run.out holds a run that the new one would be mixed with."""
-
-
-def warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def rng_state() -> dict:
@@ -109,8 +107,7 @@ def _set_aside(path: Path, suffix: str) -> Path:
     return target
 
 
-def find_resume(resume: str | None, directory: Path,
-                warn: Callable[[str], None] = warn) -> tuple[Path | None, dict | None]:
+def find_resume(resume: str | None, directory: Path) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from and its state, (None, None) for a fresh start.
 
     ``latest``: the newest readable checkpoint in ``directory``; damaged newer ones are named and set
@@ -128,20 +125,20 @@ def find_resume(resume: str | None, directory: Path,
         state = load_checkpoint(path)
         if _in_folder(path, directory):
             for newer in [p for p in list_checkpoints(directory) if _step_of(p) > int(state["step"])]:
-                warn(f"warning: {newer} is newer than {path}, the checkpoint resumed from; "
-                     f"set aside as {_set_aside(newer, 'superseded').name}")
+                log.warning("warning: %s is newer than %s, the checkpoint resumed from; set aside as %s",
+                            newer, path, _set_aside(newer, "superseded").name)
         return path, state
     damaged: list[tuple[Path, CheckpointError]] = []
     for path in reversed(list_checkpoints(directory)):
         try:
             state = load_checkpoint(path)
         except CheckpointError as err:
-            warn(f"warning: {err}")
+            log.warning("warning: %s", err)
             damaged.append((path, err))
             continue
         if damaged:
             aside = ", ".join(_set_aside(p, "unreadable").name for p, _ in damaged)
-            warn(f"warning: resuming from {path}, the newest readable checkpoint (set aside: {aside})")
+            log.warning("warning: resuming from %s, the newest readable checkpoint (set aside: %s)", path, aside)
         return path, state
     if damaged:
         raise CheckpointError(f"no readable checkpoint in {directory} to resume from: "
@@ -207,10 +204,11 @@ def config_changes(saved: dict | None, current: dict) -> list[str]:
 
 
 def check_resume_config(path: Path, saved: dict | None, current: dict, resume: str | None,
-                        warn: Callable[[str], None] = warn) -> None:
+                        warn: bool = True) -> None:
     """``--resume latest`` continues the run in the folder: other training settings would silently
     mix two runs, so they stop the run. An explicit checkpoint path is a deliberate start from
-    those weights: the changes are listed and the run goes on."""
+    those weights: the changes are listed (unless ``warn`` is false: torchrun's other ranks) and
+    the run goes on."""
     changes = config_changes(saved, current)
     if not changes:
         return
@@ -220,10 +218,11 @@ def check_resume_config(path: Path, saved: dict | None, current: dict, resume: s
             f"the run in {path.parent.parent} was trained with other settings than this one:\n  {listing}\n"
             "resume it with its own settings (see its config.yaml), start over with --overwrite, "
             f"or start from this checkpoint in a new run.out with --resume {path}")
-    warn(f"warning: resuming from {path}, trained with other settings:\n  {listing}")
+    if warn:
+        log.warning("warning: resuming from %s, trained with other settings:\n  %s", path, listing)
 
 
-def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, warn: Callable[[str], None] = warn) -> None:
+def prepare_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
     """Stops a run that would mix with the run already in ``out``; with ``overwrite`` deletes that run's
     outputs (RUN_OUTPUTS) first. Run on rank 0 only."""
     out = Path(out)
@@ -247,7 +246,7 @@ def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, warn: Cal
                 continue
             removed.append(name)
         if removed:
-            warn(f"--overwrite: deleted the previous run's {', '.join(removed)} in {out}")
+            log.warning("--overwrite: deleted the previous run's %s in %s", ", ".join(removed), out)
         return
     found = list_checkpoints(ckpt_dir)
     held = [f"checkpoints up to step {_step_of(found[-1])}"] if found else []

@@ -14,6 +14,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # init_distributed created the process group: cleanup() is ours to call
 
     @property
     def is_main(self) -> bool:
@@ -34,6 +35,7 @@ def init_distributed(device: str) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
+        info.owns_group = True
     return info
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..io import atomic_path, jsonl_rows
+
+log = logging.getLogger(__name__)
 
 
 def _with_step(row: dict, where: str) -> tuple[int, dict]:
@@ -56,7 +58,7 @@ class MetricLogger:
             repeated = read - len(rows) - later
             parts = {f"{later} row(s) after step {step} (logged after the checkpoint this run starts from)": later,
                      f"{torn} unreadable row(s)": torn, f"{repeated} repeated step(s)": repeated}
-            print(f"{self.path}: dropped " + ", ".join(k for k, n in parts.items() if n), file=sys.stderr, flush=True)
+            log.warning("%s: dropped %s", self.path, ", ".join(k for k, n in parts.items() if n))
         return rows[max(rows)] if rows else None
 
     def progress(self, total: int, initial: int = 0, disable: bool = False):

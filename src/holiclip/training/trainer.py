@@ -1,6 +1,7 @@
 """The training loop: one process or torchrun, exact resume, bad-input accounting."""
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -11,22 +12,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import _compat
-
-_compat.ensure_torchvision_importable()
-
-from ..data.loader import (  # noqa: E402
+from ..data.loader import (
     Collate, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, tensor_transform, unique_texts,
 )
-from ..io import jsonl_rows  # noqa: E402
-from ..loss import M2MLoss  # noqa: E402
-from ..models.registry import create_model, get_tokenizer, get_transforms, save_model  # noqa: E402
-from . import checkpoint as ckpt  # noqa: E402
-from .config import TrainConfig, save_config  # noqa: E402
-from .distributed import all_reduce_sum, barrier, init_distributed  # noqa: E402
-from .logger import MetricLogger  # noqa: E402
-from .schedule import create_optimizer, warmup_cosine  # noqa: E402
-from .text_cache import build_text_cache  # noqa: E402
+from ..io import jsonl_rows
+from ..loss import M2MLoss
+from ..models.registry import create_model, get_tokenizer, get_transforms, save_model
+from . import checkpoint as ckpt
+from .config import TrainConfig, save_config
+from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from .logger import MetricLogger
+from .schedule import create_optimizer, warmup_cosine
+from .text_cache import build_text_cache
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -82,7 +81,7 @@ class Trainer:
         self.manifest = load_manifest(
             cfg.data.train, cfg.data.slots, cfg.data.missing_slot_policy, cfg.data.list_slots, cfg.data.on_bad_row
         )
-        if self.dist.is_main:  # rows skipped (on_bad_row=skip) or dropped (missing_slot_policy=drop), on stderr
+        if self.dist.is_main:  # rows skipped (on_bad_row=skip) or dropped (missing_slot_policy=drop): a warning
             self.manifest.report()
         size = self.model.image_size[0] if isinstance(self.model.image_size, tuple) else self.model.image_size
         # open_clip's training transform (RandomResizedCrop, scale 0.9-1.0) as the research code, unless
@@ -168,8 +167,8 @@ class Trainer:
     def _summarise(self, when: str) -> None:
         c = self.counters
         if self.dist.is_main and (c["bad"] or c["truncated"]):
-            print(f"{when}: {c['bad']} unreadable images skipped of {c['seen']} seen; "
-                  f"{c['truncated']} of {c['texts']} texts truncated to {self.model.context_length} tokens")
+            log.info("%s: %d unreadable images skipped of %d seen; %d of %d texts truncated to %d tokens",
+                     when, c["bad"], c["seen"], c["truncated"], c["texts"], self.model.context_length)
 
     def _end_epoch(self) -> None:
         self._summarise(f"epoch {self.epoch}")
@@ -196,7 +195,7 @@ class Trainer:
         resume_path, state = ckpt.resume_state(self.resume, self.ckpt_dir, self.dist.is_main)
         if resume_path is not None:
             ckpt.check_resume_config(resume_path, state.get("config"), cfg.to_dict(), self.resume,
-                                     warn=ckpt.warn if self.dist.is_main else lambda _: None)
+                                     warn=self.dist.is_main)
         self._build()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +208,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"checkpoint {resume_path} does not fit this run's config: "
                                            + (detail[:300] + " ..." if len(detail) > 300 else detail)) from err
             if self.dist.is_main:
-                print(f"resumed from {resume_path} at step {self.step}")
+                log.info("resumed from %s at step %d", resume_path, self.step)
         start = self.step
         logger = MetricLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.run.tensorboard, start_step=start)
         batches = self._batches()
@@ -298,7 +297,12 @@ class Trainer:
 def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
     """``resume``: None (a new run; run.out must not hold another run), ``latest`` or a checkpoint path.
     ``overwrite``: delete the run already in run.out (checkpoints, metrics, TensorBoard, model) first."""
-    return Trainer(cfg, resume, overwrite).train()
+    trainer = Trainer(cfg, resume, overwrite)
+    try:
+        return trainer.train()
+    finally:  # also on error: a process group left behind leaks its sockets or NCCL communicators
+        if trainer.dist.owns_group:
+            cleanup()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

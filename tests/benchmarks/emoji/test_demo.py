@@ -38,7 +38,7 @@ def test_demo_variants_are_yaml_files_that_differ_only_in_the_variant_keys(tmp_p
 
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    summary = run_demo("quick", out=out, log=lambda *_: None)
+    summary = run_demo("quick", out=out)
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["variants"]) == {"clip", "o2m", "holistic_cls", "holistic_mlp", "holistic_hybrid"}
     for name, v in saved["variants"].items():

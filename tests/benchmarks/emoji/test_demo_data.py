@@ -25,30 +25,30 @@ def _digest(root) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _run_data_part(monkeypatch, data_dir, log):
+def _run_data_part(monkeypatch, data_dir):
     """run_demo up to the first step after the data: the demo stops there."""
     seen = []
 
-    def stop(model_name, data, cache_dir, log):
+    def stop(model_name, data, cache_dir):
         seen.append(data)
         raise _Stop
 
     monkeypatch.setattr(demo, "warm_text_cache", stop)
     with pytest.raises(_Stop):
-        demo.run_demo("quick", ["clip"], out=data_dir.parent / "runs", data_dir=data_dir, log=log)
+        demo.run_demo("quick", ["clip"], out=data_dir.parent / "runs", data_dir=data_dir)
     return seen[0]
 
 
-def test_demo_uses_a_users_variant_as_it_is(tmp_path, monkeypatch):
+def test_demo_uses_a_users_variant_as_it_is(tmp_path, monkeypatch, caplog):
     sources = S.require_sources(styles=VARIANT.heldout_styles)
     root = tmp_path / "mine"
-    B.build(root, VARIANT, sources=sources, log=lambda *a: None)
+    B.build(root, VARIANT, sources=sources)
     before = _digest(root)
-    messages = []
-    used = _run_data_part(monkeypatch, root, messages.append)
+    caplog.set_level("INFO", logger="holiclip")
+    used = _run_data_part(monkeypatch, root)
     assert used == root and _digest(root) == before  # nothing rebuilt or replaced
     assert json.loads((root / "meta.json").read_text())["params"]["seed"] == 5
-    said = "\n".join(map(str, messages))
+    said = caplog.text
     assert f"using the emoji dataset in {root} as it is" in said and "seed=5" in said and "train=24" in said
 
 
@@ -64,11 +64,11 @@ def test_demo_refuses_a_folder_without_a_complete_dataset(tmp_path, monkeypatch,
     before = _digest(root)
     monkeypatch.setattr(demo, "warm_text_cache", lambda *a: pytest.fail("the demo went on"))
     with pytest.raises(DataError, match=rf"{root}: holds no complete emoji dataset"):
-        demo.run_demo("quick", ["clip"], out=tmp_path / "runs", data_dir=root, log=lambda *a: None)
+        demo.run_demo("quick", ["clip"], out=tmp_path / "runs", data_dir=root)
     assert _digest(root) == before
 
 
 def test_use_or_build_builds_into_a_new_folder(tmp_path):
     sources = S.require_sources(styles=TINY.heldout_styles)
-    meta = B.use_or_build(tmp_path / "new", VARIANT, sources=sources, log=lambda *a: None)
+    meta = B.use_or_build(tmp_path / "new", VARIANT, sources=sources)
     assert meta["cached"] is False and B.is_complete(tmp_path / "new", meta["key"])

@@ -36,7 +36,7 @@ def sources():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, sources):
     root = tmp_path_factory.mktemp("emoji") / "tiny"
-    meta = B.build(root, TINY, sources=sources, log=lambda *a: None)
+    meta = B.build(root, TINY, sources=sources)
     return root, meta
 
 
@@ -135,7 +135,7 @@ def test_web_groups_mark_identical_web_captions(tiny):
 def test_second_build_is_cached_and_params_change_the_key(tiny, sources):
     root, meta = tiny
     t = time.perf_counter()
-    again = B.build(root, TINY, sources=sources, log=lambda *a: None)
+    again = B.build(root, TINY, sources=sources)
     assert again["cached"] and again["key"] == meta["key"]
     assert time.perf_counter() - t < 1.0
     assert B.build_key(replace(TINY, seed=1), sources) != meta["key"]
@@ -145,8 +145,8 @@ def test_second_build_is_cached_and_params_change_the_key(tiny, sources):
 def test_build_is_deterministic(tiny, tmp_path, sources):
     root, meta = tiny
     params = replace(TINY, train=10, val=2, test=3, heldout=2)
-    a = B.build(tmp_path / "a", params, sources=sources, log=lambda *x: None)
-    b = B.build(tmp_path / "b", params, sources=sources, log=lambda *x: None)
+    a = B.build(tmp_path / "a", params, sources=sources)
+    b = B.build(tmp_path / "b", params, sources=sources)
     assert a["key"] == b["key"]
     for split in a["splits"]:
         assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
@@ -158,7 +158,7 @@ def test_build_is_deterministic(tiny, tmp_path, sources):
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path, sources):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        B.build(tmp_path, TINY, sources=sources, log=lambda *a: None)
+        B.build(tmp_path, TINY, sources=sources)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -324,7 +324,17 @@ def test_build_rejects_a_heldout_style_from_the_training_artwork(tmp_path, sourc
     fake = replace(S.STYLES["twemoji"], name="google", family=S.STYLES["noto"].family)
     monkeypatch.setitem(S.STYLES, "google", fake)
     with pytest.raises(ValueError, match="shares artwork"):
-        B.build(tmp_path / "x", replace(TINY, heldout_styles=("google",)), sources=sources, log=lambda *a: None)
+        B.build(tmp_path / "x", replace(TINY, heldout_styles=("google",)), sources=sources)
+
+
+def test_unknown_heldout_style_is_a_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from holiclip.cli.data import app
+
+    res = CliRunner().invoke(app, ["emoji", "--preset", "tiny", "--heldout-styles", "nope", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "unknown held-out style 'nope'; choose from twemoji, openmoji" in res.output, res.output
+    assert not (tmp_path / "x").exists()
 
 
 # -- backgrounds ---------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import logging.handlers
 import multiprocessing as mp
 import os
 import time
@@ -33,6 +35,8 @@ from holiclip.training.trainer import read_metrics, train
 from .data import build as emoji
 from .evaluate import evaluate_emoji
 from .report import describe_machine, write_report
+
+log = logging.getLogger(__name__)
 
 SLOTS = ["web", "detail", "nouns", "background", "main"]
 
@@ -97,21 +101,21 @@ def variant_config(mode: Mode, name: str, data: Path, out: Path, seed: int, cach
     return load_config(load_variant(name).config, train_overrides(mode, data, out, seed, cache_dir))
 
 
-def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, cache_dir: Path, log) -> dict:
+def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, cache_dir: Path) -> dict:
     """Trains (or resumes / reuses a finished run) then evaluates one variant and seed."""
     run_dir = out / variant.name / f"seed{seed}"
     cfg = variant_config(mode, variant.name, data, run_dir, seed, cache_dir)
     done = run_dir / "model" / "holiclip_config.json"
     train_s = None
     if done.exists() and _same_run(json.loads(done.read_text()).get("train_config"), cfg.to_dict()):
-        log(f"[{variant.name} seed {seed}] finished run found in {run_dir}: reusing it")
+        log.info("[%s seed %d] finished run found in %s: reusing it", variant.name, seed, run_dir)
     else:
-        log(f"[{variant.name} seed {seed}] training {mode.steps} steps x {mode.batch_size} images")
+        log.info("[%s seed %d] training %d steps x %d images", variant.name, seed, mode.steps, mode.batch_size)
         t0 = time.perf_counter()
         try:
             train(cfg, resume="latest")
         except RunFolderError as err:  # the demo's own folder holds a run with other settings
-            log(f"[{variant.name} seed {seed}] starting over: {str(err).splitlines()[0]}")
+            log.info("[%s seed %d] starting over: %s", variant.name, seed, str(err).splitlines()[0])
             train(cfg, overwrite=True)
         train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -140,7 +144,26 @@ def _variant_job(args: tuple) -> tuple[str, int, dict]:
     """One (variant, seed) in a worker process with its own thread budget."""
     mode, name, data, out, seed, cache_dir, threads = args
     torch.set_num_threads(threads)
-    return name, seed, run_variant(mode, load_variant(name), data, out, seed, cache_dir, print)
+    return name, seed, run_variant(mode, load_variant(name), data, out, seed, cache_dir)
+
+
+def _worker_logging(queue, level: int) -> None:
+    """In a worker process: holiclip's records go through ``queue`` to the parent's loggers, so that
+    they reach whatever the parent shows or stores them with."""
+    logger = logging.getLogger("holiclip")
+    logger.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+class _ToOwnLogger:
+    """QueueListener target: hands a worker's record to the parent's logger of the same name."""
+
+    @staticmethod
+    def handle(record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 def threads_per_run(jobs: int, runs: int) -> int:
@@ -150,25 +173,33 @@ def threads_per_run(jobs: int, runs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Path, jobs: int, log) -> dict:
+def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Path, jobs: int) -> dict:
     """All (variant, seed) runs. With ``jobs`` > 1 they run side by side in worker processes,
     cores / jobs threads each: on a 2-core CPU two single-thread runs train ~1.6x faster together
     than one 2-thread run (bench/bench_demo_step.py). A run left alone at the end gets every thread."""
     cpus = os.cpu_count() or 1
     work = [(name, seed) for seed in mode.seeds for name in names]
     if jobs <= 1 or len(work) == 1:
-        return {(n, s): run_variant(mode, load_variant(n), data, out, s, cache_dir, log) for n, s in work}
+        return {(n, s): run_variant(mode, load_variant(n), data, out, s, cache_dir) for n, s in work}
     per_job = threads_per_run(jobs, len(work))
     paired = len(work) - len(work) % jobs
     args = [(mode, n, data, out, s, cache_dir, per_job if i < paired else cpus) for i, (n, s) in enumerate(work)]
     results = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        for name, seed, result in pool.map(_variant_job, args):
-            results[(name, seed)] = result
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    listener = logging.handlers.QueueListener(queue, _ToOwnLogger())
+    listener.start()
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_logging,
+                                 initargs=(queue, logging.getLogger("holiclip").getEffectiveLevel())) as pool:
+            for name, seed, result in pool.map(_variant_job, args):
+                results[(name, seed)] = result
+    finally:
+        listener.stop()
     return results
 
 
-def warm_text_cache(model_name: str, data: Path, cache_dir: Path, log) -> None:
+def warm_text_cache(model_name: str, data: Path, cache_dir: Path) -> None:
     """Caches the frozen text trunk's features of every training text once, before workers start."""
     from holiclip.data.loader import load_manifest, unique_texts
     from holiclip.models.registry import create_model, get_tokenizer
@@ -178,7 +209,7 @@ def warm_text_cache(model_name: str, data: Path, cache_dir: Path, log) -> None:
     if not model.text_trunk_frozen():
         return
     texts = unique_texts(load_manifest(data / "train.jsonl", SLOTS))
-    log(f"text features: {len(texts)} unique training texts")
+    log.info("text features: %d unique training texts", len(texts))
     build_text_cache(model, get_tokenizer(model_name), texts, cache_dir, "cpu")
 
 
@@ -205,7 +236,7 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 def run_demo(mode_name: str = "default", variants: list[str] | None = None, out: str | Path = "runs/demo",
              data_dir: str | Path | None = None, steps: int | None = None, seeds: int | None = None,
-             jobs: int | None = None, log=print, command: str | None = None) -> dict:
+             jobs: int | None = None, command: str | None = None) -> dict:
     """Builds or reuses the data, trains and evaluates every variant and seed, writes the report.
     ``command`` is what the report names as the command that produced it (the CLI passes its own)."""
     if command is None:
@@ -231,14 +262,14 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
     data = Path(data_dir) if data_dir else cache_dir / f"emoji-{mode.preset}"
     t0 = time.perf_counter()
     if data_dir:  # the user's folder: its dataset is used as it is, never rebuilt over
-        emoji.use_or_build(data, emoji.preset(mode.preset), log=log)
+        emoji.use_or_build(data, emoji.preset(mode.preset))
     else:
-        log(f"building / reusing the emoji benchmark ({mode.preset}) in {data}")
+        log.info("building / reusing the emoji benchmark (%s) in %s", mode.preset, data)
         emoji.build(data, emoji.preset(mode.preset))
     data_s = time.perf_counter() - t0
     for model_name in models:
-        warm_text_cache(model_name, data, cache_dir, log)
-    runs = run_jobs(mode, names, data, out, cache_dir, jobs, log)
+        warm_text_cache(model_name, data, cache_dir)
+    runs = run_jobs(mode, names, data, out, cache_dir, jobs)
     n_runs = len(runs)
     results = {}
     for name in names:

@@ -62,11 +62,6 @@ class HFBackend:
     ):
         """``model``: a local folder or hub name. ``hf_model``/``processor``: already-built
         objects (tests, notebooks); then ``model`` is only the name recorded in rows."""
-        # Importing holiclip first installs the torchvision shim that transformers' image
-        # utilities need on CPU-only torch builds (see holiclip._compat).
-        from holiclip._compat import ensure_torchvision_importable
-
-        ensure_torchvision_importable()
         self.model = model
         self.batch_size = max(1, int(batch_size))
         self.concurrency = max(1, int(concurrency))  # >1 only overlaps decoding with the GPU

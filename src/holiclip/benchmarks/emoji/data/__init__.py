@@ -6,7 +6,7 @@ Modules, in data-flow order: sources (find the installed artwork and Unicode dat
 dataset, loaders).
 """
 # Note: ``build`` here is the module (``from holiclip.benchmarks.emoji.data import build``);
-# the function is ``build.build`` or its alias ``build_dataset``.
+# the function is ``build.build``.
 from . import build
 from .build import (
     PRESETS,
@@ -20,9 +20,7 @@ from .build import (
 )
 from .sources import MissingSourcesError, require_sources
 
-build_dataset = build.build
-
 __all__ = [
-    "PRESETS", "EmojiParams", "build", "build_dataset", "load_classes", "load_masks", "load_split", "preset",
+    "PRESETS", "EmojiParams", "build", "load_classes", "load_masks", "load_split", "preset",
     "read_rows", "split_names", "MissingSourcesError", "require_sources",
 ]

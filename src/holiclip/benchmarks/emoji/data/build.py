@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -41,6 +42,8 @@ from .scenes import compose, layout_ok, sample_count, sample_layout
 from .sources import STYLES, Sources, require_sources
 from .splits import TEST, TRAIN, VAL, balanced_mains, combination_table
 from .sprites import SpriteBank
+
+log = logging.getLogger(__name__)
 
 BUILD_VERSION = 2
 MASK_BACKGROUND = 255  # background value in class-index mask files (= dense evaluation's ignore index)
@@ -129,12 +132,15 @@ class _SplitResult:
 
 
 def build(out: Path | str, params: EmojiParams | None = None, *, sources: Sources | None = None,
-          cache_dir: Path | str | None = None, force: bool = False, log=print) -> dict:
+          cache_dir: Path | str | None = None, force: bool = False) -> dict:
     """Build (or reuse) the dataset in ``out``; returns its meta (plus "root", "cached"). ``sources``
     default to the installed ones (:func:`~.sources.require_sources`: an error names what to install)."""
     params = params or PRESETS["default"]
     out = Path(out)
     for st in params.heldout_styles:
+        if st not in STYLES:
+            raise ValueError(f"unknown held-out style {st!r}; choose from "
+                             + ", ".join(s for s in STYLES if STYLES[s].family != STYLES[TRAIN_STYLE].family))
         if STYLES[st].family == STYLES[TRAIN_STYLE].family:
             raise ValueError(f"held-out style {st!r} shares artwork with the training style")
     if not 1 <= params.classes < MASK_BACKGROUND:
@@ -169,7 +175,7 @@ def build(out: Path | str, params: EmojiParams | None = None, *, sources: Source
         if split == "train":
             train_keys = {_combo_key(r) for r in res.rows}
         split_stats[split] = _write_split(tmp, split, res, style)
-        log(f"  {split}: {n} scenes ({style})")
+        log.info("  %s: %d scenes (%s)", split, n, style)
 
     (tmp / "classes.json").write_text(json.dumps(_classes_json(classes), indent=1, ensure_ascii=False))
     (tmp / "LICENSES.md").write_text(_licences(styles))
@@ -195,7 +201,7 @@ def build(out: Path | str, params: EmojiParams | None = None, *, sources: Source
     return {**meta, "root": str(out), "cached": False}
 
 
-def use_or_build(out: Path | str, params: EmojiParams | None = None, *, log=print, **build_kwargs) -> dict:
+def use_or_build(out: Path | str, params: EmojiParams | None = None, **build_kwargs) -> dict:
     """For a folder the user named: a complete emoji dataset there is used as it is, whatever
     parameters or code version built it (its meta.json says which; differences from ``params``
     are logged); a missing or empty folder gets a fresh build with ``params``; anything else is
@@ -207,15 +213,15 @@ def use_or_build(out: Path | str, params: EmojiParams | None = None, *, log=prin
         wanted = json.loads(json.dumps(asdict(params)))  # tuples as JSON lists, as in meta.json
         differs = {k: v for k, v in meta.get("params", {}).items() if wanted.get(k) != v}
         note = f"built with {', '.join(f'{k}={v}' for k, v in sorted(differs.items()))}" if differs else "same parameters"
-        log(f"using the emoji dataset in {out} as it is ({note}; {out / 'meta.json'} describes it)")
+        log.info("using the emoji dataset in %s as it is (%s; %s describes it)", out, note, out / "meta.json")
         return {**meta, "root": str(out), "cached": True}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(
             f"{out}: holds no complete emoji dataset (a meta.json naming its splits, and their .jsonl files); "
             f"it is left as it is: name an empty or new folder to build one there"
         )
-    log(f"building the emoji benchmark in {out}")
-    return build(out, params, log=log, **build_kwargs)
+    log.info("building the emoji benchmark in %s", out)
+    return build(out, params, **build_kwargs)
 
 
 def _combo_key(row: dict) -> tuple:
