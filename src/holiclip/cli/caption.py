@@ -1,6 +1,6 @@
 """``holiclip caption``: multi-perspective captioning (``run``), ``merge`` and ``stats``.
 
-    holiclip caption run --images SRC --backend openai|hf|scene --model NAME --out DIR ...
+    holiclip caption run --images SRC --backend NAME --model NAME --out DIR ...
     holiclip caption merge DIR [DIR...] --out train.jsonl [--web-captions FILE] ...
     holiclip caption stats DIR|JSONL [...]
 
@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 
+from holiclip import console
 from holiclip.captioning.perspectives import DEFAULT_PERSPECTIVES
 
 from ._options import comma_list
@@ -25,12 +26,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # a traceback's locals could show the API key
     help="Caption images from several perspectives with VLMs (resumable), then merge / stats.",
 )
-
-_DEFAULTS = {  # (concurrency, batch size) per backend
-    "openai": (16, 1),
-    "hf": (1, 8),
-    "scene": (1, 64),
-}
 
 
 def _err(msg: str, code: int = 2) -> typer.Exit:
@@ -55,19 +50,29 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return (i * world + rank, n * world) if world > 1 else (i, n)
 
 
+def _backend_options(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise _err(f"--backend-option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
 @app.command("run")
 def run_cmd(
     ctx: typer.Context,
     images: Optional[str] = typer.Option(None, "--images", help="Folder of images, text file of paths, JSONL, or webdataset shards (a .tar, a {000..009} pattern, or a folder of .tar)."),
-    backend: str = typer.Option("openai", "--backend", help="openai | hf | scene"),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name (openai), folder or hub id (hf); recorded in every row."),
+    backend: str = typer.Option("openai", "--backend", help="openai, hf, or a backend that an installed package registers (holiclip.captioning.backends entry points)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (openai), folder or hub id (hf), optional for a backend with its own default; recorded in every row."),
     perspectives: str = typer.Option(",".join(DEFAULT_PERSPECTIVES), "--perspectives", help="Comma-separated perspective names, or 'all'. Built in: detail, few-words, one-sentence, nouns, style, background, main."),
     perspectives_file: Optional[Path] = typer.Option(None, "--perspectives-file", help="YAML with extra/overriding prompts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (captions.jsonl, failures.jsonl)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible base URL (…/v1); default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (redacted from all output; a 401/403 answer stops the run)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Requests (openai) or batches (hf) in flight. Default 16 / 1."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Requests per backend call. Default openai 1, hf 8."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Requests (openai) or batches (hf) in flight. Default: the backend's (openai 16, hf 1)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Requests per backend call. Default: the backend's (openai 1, hf 8)."),
     max_new_tokens: int = typer.Option(77, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0),
     shard: str = typer.Option("0/1", "--shard", help="Caption the i-th of n parts (i/n); torchrun ranks split further."),
@@ -77,7 +82,7 @@ def run_cmd(
     device: str = typer.Option("auto", "--device", help="hf: cuda:N, cpu or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="hf: auto, float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="hf: allow model code from the checkpoint."),
-    scene_index: Optional[Path] = typer.Option(None, "--scene-index", help="scene: the emoji dataset JSONL (default: --images if it is a JSONL)."),
+    backend_option: Optional[List[str]] = typer.Option(None, "--backend-option", help="KEY=VALUE keyword argument of a backend from another package (repeatable); it also gets the image source."),
     max_consecutive_failures: int = typer.Option(100, "--max-consecutive-failures", min=1, help="Stop when this many requests fail in a row."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -87,17 +92,20 @@ def run_cmd(
         raise _err("--images is required")
     if out is None:
         raise _err("--out is required")
-    if backend not in _DEFAULTS:
-        raise _err(f"--backend {backend!r}: choose openai, hf or scene")
-    if model is None and backend != "scene":
-        raise _err(f"--model is required for the {backend} backend")
 
-    from holiclip.captioning.backends import CaptionError, make_backend
+    from holiclip.captioning.backends import BUILTIN_BACKENDS, CaptionError, backend_names, make_backend
     from holiclip.captioning.perspectives import resolve_perspectives
     from holiclip.captioning.pipeline import RunAborted, run_captioning
     from holiclip.captioning.sources import ImageSource
 
+    names = backend_names()
+    if backend not in names:
+        raise _err(f"--backend {backend!r}: choose one of {', '.join(names)}")
+    if model is None and backend in BUILTIN_BACKENDS:  # a plugin may name its own default model
+        raise _err(f"--model is required for the {backend} backend")
+    plugin_options = _backend_options(backend_option)
     shard_of = _parse_shard(shard)  # outside the try below: its typer.Exit is a RuntimeError
+
     try:
         persp = resolve_perspectives(perspectives, perspectives_file)
         source = ImageSource(images, shard_of)
@@ -106,10 +114,15 @@ def run_cmd(
                         temperature=temperature, max_image_side=max_image_side)
         elif backend == "hf":
             opts = dict(device=device, dtype=dtype, temperature=temperature, trust_remote_code=trust_remote_code)
-        else:
-            opts = dict(index=scene_index or (images if source.kind == "jsonl" else None))
-        be = make_backend(backend, model or "scene", concurrency=concurrency or _DEFAULTS[backend][0],
-                          batch_size=batch_size or _DEFAULTS[backend][1], **opts)
+        else:  # the plugin's own options, and the source for what it derives from the images
+            opts = dict(source=source, **plugin_options)
+        sizes = {k: v for k, v in (("concurrency", concurrency), ("batch_size", batch_size)) if v is not None}
+        try:
+            be = make_backend(backend, model, **sizes, **opts)
+        except TypeError as err:
+            if backend in BUILTIN_BACKENDS:
+                raise
+            raise ValueError(f"--backend {backend}: {err}") from None  # a --backend-option it does not take
         stats = run_captioning(source, persp, be, out, max_new_tokens=max_new_tokens, progress=progress,
                                max_consecutive_failures=max_consecutive_failures)
     except RunAborted as err:
@@ -200,6 +213,7 @@ def stats_cmd(
 
 
 def main() -> None:
+    console.setup()
     app(prog_name="holiclip caption")
 
 

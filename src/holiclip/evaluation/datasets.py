@@ -7,8 +7,8 @@ lists, JSONL with one long caption per image) and the Urban1k folder layout
 (``image/NAME.jpg`` + ``caption/NAME.txt``).
 Classification (:class:`ClassificationData`): ImageFolder layout (``root/CLASS/IMAGE``).
 Segmentation (:class:`SegmentationData`): a folder ``images/`` + ``masks/`` (class-index PNGs,
-255 = ignore) matched by file stem, or a JSONL with ``image`` and ``mask`` fields (the built-in
-emoji scenes), with class names from a file.
+255 = ignore) matched by file stem, or a JSONL with ``image`` and ``mask`` fields (as the built-in
+benchmark writes), with class names from a file.
 
 Bad input raises :class:`holiclip.data.records.DataError` naming the file, line or field.
 """
@@ -426,8 +426,8 @@ def read_mask_folder(root, classes=None) -> SegmentationData:
 
 
 def read_mask_manifest(path, classes=None, limit: int | None = None) -> SegmentationData:
-    """A JSONL whose rows have ``image`` and ``mask`` paths (relative to the file), e.g. the
-    built-in emoji scenes; class names from ``classes`` or ``classes.json`` beside the file."""
+    """A JSONL whose rows have ``image`` and ``mask`` paths (relative to the file), as the built-in
+    benchmark writes; class names from ``classes`` or ``classes.json`` beside the file."""
     path = Path(path)
     names = _find_classes(path.parent, classes)
     data = SegmentationData([], [], names, name=path.stem)

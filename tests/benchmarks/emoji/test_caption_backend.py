@@ -79,7 +79,7 @@ def test_caption_without_images_is_an_error_with_help():
     res = CliRunner().invoke(_main_app(), ["caption", "run"])
     assert res.exit_code == 2 and "--images is required" in res.output
     res = CliRunner().invoke(caption_app, ["run", "--images", "x", "--out", "o", "--backend", "gpt"])
-    assert res.exit_code == 2 and "--backend 'gpt'" in res.output
+    assert res.exit_code == 2 and "--backend 'gpt': choose one of openai, hf, scene" in res.output
     res = CliRunner().invoke(caption_app, ["run", "--images", "x", "--out", "o", "--model", "m", "--shard", "3/2"])
     assert res.exit_code == 2 and "--shard '3/2'" in res.output
 
@@ -102,3 +102,26 @@ def test_torchrun_ranks_split_the_shard(tmp_path: Path, monkeypatch):
     res = CliRunner().invoke(caption_app, ["run", "--images", str(data), "--backend", "scene", "--perspectives", "detail",
                                            "--out", str(tmp_path / "out"), "--no-progress"])
     assert res.exit_code == 0 and "0 rows written" in res.output and "(3 already done)" in res.output
+
+
+def test_scene_index_given_as_a_backend_option(tmp_path: Path):
+    # --images is a folder here: the index comes from --backend-option, the CLI knows no scene option
+    data = _emoji_like(tmp_path)
+    res = CliRunner().invoke(caption_app, ["run", "--images", str(tmp_path / "scenes"), "--backend", "scene",
+                                           "--perspectives", "detail", "--backend-option", f"index={data}",
+                                           "--out", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rows = read_jsonl(tmp_path / "out" / "captions.jsonl")
+    assert sorted(r["text"] for r in rows) == [f"a {i} emoji on a grid" for i in range(3)]
+    res = CliRunner().invoke(caption_app, ["run", "--images", str(tmp_path / "scenes"), "--backend", "scene",
+                                           "--out", str(tmp_path / "o2"), "--no-progress"])
+    assert res.exit_code == 2 and "--backend-option index=FILE" in res.output
+
+
+@pytest.mark.parametrize("option, message", [("index", "--backend-option 'index': expected KEY=VALUE"),
+                                             ("colour=red", "unexpected keyword argument 'colour'")])
+def test_bad_backend_option_is_a_clear_error(tmp_path: Path, option: str, message: str):
+    data = _emoji_like(tmp_path)
+    res = CliRunner().invoke(caption_app, ["run", "--images", str(data), "--backend", "scene",
+                                           "--backend-option", option, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and message in res.output, res.output  # an uncaught exception would exit 1

@@ -5,10 +5,11 @@ the scene layout, not from a VLM, and writes them into its dataset JSONL
 (``{"image": ..., "captions": {"detail": ..., "background": ...}}``). This adapter looks up
 ``captions[perspective]`` for the requested image, so that the emoji benchmark goes through
 exactly the same captioning -> merge path as real data (and tests need no model).
-``holiclip caption --backend scene`` finds it through the ``holiclip.captioning.backends``
+``holiclip caption run --backend scene`` finds it through the ``holiclip.captioning.backends``
 entry point (pyproject.toml), so the captioning package never names the benchmark.
 
-- ``index``: the emoji dataset JSONL (default: ``--images`` when that is a JSONL);
+- ``index``: the emoji dataset JSONL (``--backend-option index=FILE``); by default the
+  ``source`` being captioned when that is a JSONL (``--images train.jsonl``);
 - ``caption_fn``: alternatively a function ``(image_key, perspective) -> str`` (e.g. the
   emoji package's scene captioner), used for images absent from the index.
 """
@@ -19,16 +20,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from holiclip.captioning.backends import CaptionError, CaptionRequest, CaptionResult
+from holiclip.captioning.sources import ImageSource
 
 
 class SceneBackend:
     needs_image_bytes = False  # a look-up: no need to read the image files
 
-    def __init__(self, model: str = "scene", *, index: str | os.PathLike | None = None,
+    def __init__(self, model: str | None = "scene", *, index: str | os.PathLike | None = None,
                  caption_fn: Callable[[str, str], str] | None = None, batch_size: int = 64,
-                 concurrency: int = 1):
+                 concurrency: int = 1, source: ImageSource | None = None):
+        if index is None and source is not None and source.kind == "jsonl":
+            index = source.src
         if index is None and caption_fn is None:
-            raise CaptionError("scene backend: give the emoji dataset JSONL (--scene-index) or a caption_fn")
+            raise CaptionError("scene backend: give the emoji dataset JSONL (--images FILE.jsonl or "
+                               "--backend-option index=FILE) or a caption_fn")
         self.model = model or "scene"
         self.batch_size, self.concurrency = batch_size, concurrency
         self.caption_fn = caption_fn

@@ -8,7 +8,10 @@ concurrency from ``batch_size`` / ``concurrency``:
 - ``hf``: large batches, one at a time (one GPU per process; several via torchrun);
 - others: a backend class (``Backend``; called as ``cls(model, **options)``) that any installed
   package declares under the ``holiclip.captioning.backends`` entry-point group, imported on
-  first use (this project's own benchmark adds ``scene`` that way).
+  first use (this project's own benchmark adds ``scene`` that way). ``holiclip caption run``
+  passes it ``model=None`` when ``--model`` is not given, its ``--backend-option KEY=VALUE``
+  pairs, ``concurrency`` / ``batch_size`` when given, and ``source``, the ``ImageSource``
+  being captioned.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def backend_names() -> list[str]:
     return [*BUILTIN_BACKENDS, *sorted(set(_plugins()) - set(BUILTIN_BACKENDS))]
 
 
-def make_backend(name: str, model: str, **options) -> Backend:
+def make_backend(name: str, model: str | None, **options) -> Backend:
     """Builds a backend by name; options are the backend class's keyword arguments."""
     if name == "openai":
         from .openai import OpenAIBackend
