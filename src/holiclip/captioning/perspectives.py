@@ -2,7 +2,7 @@
 
 A perspective is a named prompt; its name becomes the text slot name in the training JSONL
 (``captions: {"detail": ...}``). The built-in prompts are the ones the Holistic CLIP authors
-used (arXiv 2412.00440, section 1 of docs/PAPER), word for word.
+used (Wang et al., CVPR 2025, arXiv 2412.00440), word for word.
 
 User YAML (``--perspectives-file``), either form::
 

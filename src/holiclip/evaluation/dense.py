@@ -4,7 +4,7 @@ Read-out (``HolisticCLIP.encode_dense``, MaskCLIP style): the image runs through
 but the last; of the last block only the value path is kept (ln_1 -> value projection ->
 out_proj, no query-key attention mixing, no residual, no MLP), so each patch token keeps its
 own content; it then goes through the shared ln_post and projection into the joint space,
-per branch, and is L2-normalised. Each patch is labelled with the class whose text embedding
+per branch, and is L2-normalised (``normalize=True``). Each patch is labelled with the class whose text embedding
 (mean over prompt templates) is most similar; the patch grid's logits are upsampled
 bilinearly to the mask's size before the argmax. Images are resized to the model's square
 input without cropping, so predictions cover the whole mask.
