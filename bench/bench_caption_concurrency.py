@@ -1,7 +1,7 @@
 """Throughput of `holiclip caption run --backend openai` against a loopback server with a fixed
 per-request latency, at concurrency 1 / 8 / 32: shows that the requests really overlap.
 
-The server (tests/captioning/loopback.py) runs in its own process so that its
+The server (tests/helpers/loopback.py) runs in its own process so that its
 threads do not share the client's interpreter lock. Each row runs the full resumable
 pipeline (image reads, base64, HTTP, JSONL writes) on a fresh output folder.
 
@@ -22,7 +22,7 @@ from holiclip.captioning.perspectives import resolve_perspectives
 from holiclip.captioning.pipeline import run_captioning
 from holiclip.captioning.sources import ImageSource
 
-LOOPBACK = Path(__file__).resolve().parents[1] / "tests" / "captioning" / "loopback.py"
+LOOPBACK = Path(__file__).resolve().parents[1] / "tests" / "helpers" / "loopback.py"
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from holiclip.data.records import DataError
 from holiclip.training.config import load_config
 from holiclip.training.trainer import read_metrics, train
 
-from data_utils import make_dataset
+from tests.helpers.datasets import make_dataset
 
 runner = CliRunner()
 

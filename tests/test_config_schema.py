@@ -12,7 +12,7 @@ from holiclip.cli.app import app
 from holiclip.models.registry import load_model
 from holiclip.training.config import load_config, save_config
 
-from data_utils import make_dataset
+from tests.helpers.datasets import make_dataset
 
 
 def test_one_name_for_a_list_field_is_a_one_element_list():

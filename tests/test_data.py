@@ -13,7 +13,7 @@ from holiclip.data.readers import read_csv, read_samples, read_webdataset
 from holiclip.data.records import DataError, apply_missing_slot_policy
 from holiclip.models.registry import get_tokenizer, get_transforms, create_model
 
-from data_utils import make_dataset
+from tests.helpers.datasets import make_dataset
 
 
 def test_jsonl_named_slots_and_relative_paths(tmp_path):

@@ -15,16 +15,17 @@ What open_clip's scheme gives (checked below, all four combinations):
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from core_utils import unit
 
 from holiclip import M2MLoss
+
+from tests.helpers.distributed import free_port
+from tests.helpers.tensors import unit
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -41,12 +42,6 @@ SETTINGS = [
 ]
 PLAIN = [s for s in SETTINGS if s[3] is None]
 RESEARCH = [s for s in SETTINGS if s[4] == "research"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(branches, slots):
@@ -87,7 +82,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def distributed_results():
     with tempfile.TemporaryDirectory() as out_dir:
         # fork: the workers inherit the imported modules (spawn would re-import open_clip: ~5 s each)
-        mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True, start_method="fork")
+        mp.start_processes(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True, start_method="fork")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from core_utils import unit
 
 from holiclip import FUSION_MODES, fuse
 from holiclip.models.fusion import select_branches
+
+from tests.helpers.tensors import unit
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

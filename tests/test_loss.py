@@ -7,10 +7,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from core_utils import unit
 
 from holiclip import M2MLoss
 from holiclip.loss import diversity_penalty, pair_branches
+
+from tests.helpers.tensors import unit
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

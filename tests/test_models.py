@@ -11,12 +11,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from core_utils import SMALL_CONFIGS
 from safetensors.torch import save_file
 
 import holiclip
 from holiclip.models.branches import ENCODERS, BranchLinear, MultiBranchViT
 from holiclip.models.registry import load_holistic_state
+
+from tests.helpers.models import SMALL_CONFIGS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

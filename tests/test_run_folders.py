@@ -8,7 +8,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,8 @@ from holiclip.training.checkpoint import CheckpointError, RunFolderError, list_c
 from holiclip.training.config import load_config
 from holiclip.training.trainer import read_metrics, train
 
-from data_utils import make_dataset
+from tests.helpers.datasets import make_dataset
+from tests.helpers.distributed import free_port
 
 KINDS = ("zero-byte", "truncated", "garbage", "not-a-training-state")
 
@@ -200,18 +200,12 @@ def test_resuming_a_finished_run_reports_its_last_loss(base, tmp_path):
     assert "already complete" in out and f"{last_logged:.4f}" in out and "nan" not in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_ranks_all_stop_on_a_used_run_folder(base, tmp_path):
     run = copy_run(base, tmp_path)
     before = snapshot(run)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "holiclip.cli.app", "train", *overrides(base, run)]
+           "--master-port", str(free_port()), "-m", "holiclip.cli.app", "train", *overrides(base, run)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("already holds a run") == 2, proc.stderr[-3000:]  # each rank, the same message

@@ -11,8 +11,8 @@ from holiclip.data.loader import open_image
 from holiclip.models.registry import get_transforms
 from holiclip.training.trainer import Trainer
 
-from data_utils import draw, make_dataset
-from test_training import cfg_for
+from tests.helpers.datasets import draw, make_dataset
+from tests.helpers.training import cfg_for
 
 
 def _wide_dataset(tmp_path, n=8):

@@ -2,35 +2,20 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from holiclip.data.records import DataError
 from holiclip.training import trainer as trainer_mod
 from holiclip.training.config import load_config
 from holiclip.training.trainer import NonFiniteLoss, read_metrics, train
 
-from data_utils import make_dataset
-
-SLOTS = "[web,detail,main]"
-
-
-def cfg_for(tmp_path, data, out, *extra):
-    return load_config(None, [
-        f"data.train={data}", f"data.slots={SLOTS}", "model.name=holi-tiny", "optim.batch_size=8",
-        "optim.steps=6", "optim.warmup_steps=2", "optim.lr=1e-3", f"run.out={out}", "run.log_every=1",
-        "run.progress=false", "run.tensorboard=false", "run.save_every=3", f"run.cache_dir={tmp_path}/cache",
-        *extra,
-    ])
-
-
-def weights(run):
-    return load_file(str(run / "model" / "model.safetensors"))
+from tests.helpers.datasets import make_dataset
+from tests.helpers.distributed import free_port
+from tests.helpers.training import SLOTS, cfg_for, weights
 
 
 def test_tiny_model_overfits(tmp_path):
@@ -90,12 +75,6 @@ def test_unknown_config_key_is_named():
         load_config(None, ["optim.lr=fast"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one(tmp_path):
     data = make_dataset(tmp_path, n=16)
     common = [f"data.train={data}", f"data.slots={SLOTS}", "model.name=holi-tiny", "optim.steps=3",
@@ -104,7 +83,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     train(load_config(None, common + ["optim.batch_size=8", f"run.out={tmp_path}/one"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "holiclip.cli.app", "train",
+           "--master-port", str(free_port()), "-m", "holiclip.cli.app", "train",
            *common, "optim.batch_size=4", f"run.out={tmp_path}/two"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -142,7 +121,7 @@ def test_torchrun_training_destroys_its_process_group(tmp_path):
     # a run that trains, then one that stops on the folder the first one filled: both clean up
     for stopped in (0, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), str(script), *overrides]
+               "--master-port", str(free_port()), str(script), *overrides]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("stopped") == stopped, proc.stdout[-2000:]

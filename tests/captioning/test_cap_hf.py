@@ -11,7 +11,7 @@ from holiclip.captioning.backends.hf import HFBackend
 from holiclip.captioning.perspectives import PAPER_PERSPECTIVES
 from holiclip.cli.caption import app
 
-from cap_helpers import make_images, read_jsonl
+from tests.helpers.captioning import make_images, read_jsonl
 
 WORDS = ("<pad> <s> </s> <unk> <image> USER ASSISTANT : . , a an the of in on with and is are cat dog red blue "
          "green sky tree house car person image describe detail only background foreground main object style "

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cap_helpers import make_images, read_jsonl
-from loopback import LoopbackServer
+from tests.helpers.captioning import make_images, read_jsonl
+from tests.helpers.loopback import LoopbackServer
 
 HEAVY = ("torch", "torchvision", "open_clip", "transformers")
 

@@ -7,8 +7,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from cap_helpers import make_images, read_jsonl
-from loopback import LoopbackServer, expected_text
+from tests.helpers.captioning import make_images, read_jsonl
+from tests.helpers.loopback import LoopbackServer, expected_text
 
 N_IMAGES, PERSP = 40, ("detail", "style")
 

@@ -9,7 +9,7 @@ from holiclip.captioning.merge import MergeError, assign_slot_names, merge_capti
 from holiclip.cli.caption import app
 from holiclip.data.readers import read_jsonl as trainer_read_jsonl
 
-from cap_helpers import read_jsonl
+from tests.helpers.captioning import read_jsonl
 
 QWEN, LLAVA = "Qwen/Qwen2-VL-7B-Instruct", "llava-hf/llava-1.5-7b-hf"
 

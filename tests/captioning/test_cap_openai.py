@@ -12,8 +12,8 @@ from holiclip.captioning.perspectives import PAPER_PERSPECTIVES, resolve_perspec
 from holiclip.captioning.pipeline import RunAborted, run_captioning
 from holiclip.captioning.sources import ImageSource
 
-from cap_helpers import make_images, read_jsonl
-from loopback import Faults, LoopbackServer, expected_text
+from tests.helpers.captioning import make_images, read_jsonl
+from tests.helpers.loopback import Faults, LoopbackServer, expected_text
 
 PERSP = "detail,background,main"
 

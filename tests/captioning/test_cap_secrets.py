@@ -16,8 +16,8 @@ from holiclip.captioning.pipeline import RunAborted, run_captioning
 from holiclip.captioning.redact import REDACTED, redact
 from holiclip.captioning.sources import ImageSource
 
-from cap_helpers import make_images, read_jsonl
-from loopback import LoopbackServer
+from tests.helpers.captioning import make_images, read_jsonl
+from tests.helpers.loopback import LoopbackServer
 
 SECRET = "sk-test-" + "Zq9s3cr3tK3y" * 3
 ENV = "HOLI_CAPTION_TEST_KEY"

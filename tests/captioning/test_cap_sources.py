@@ -7,7 +7,7 @@ import webdataset as wds
 
 from holiclip.captioning.sources import ImageSource, SourceError, guess_mime
 
-from cap_helpers import make_images
+from tests.helpers.captioning import make_images
 
 
 def test_folder_text_list_and_jsonl_give_absolute_keys(tmp_path: Path):

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from data_utils import make_dataset
+from tests.helpers.datasets import make_dataset
 
 runner = CliRunner()
 

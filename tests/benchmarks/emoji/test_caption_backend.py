@@ -11,7 +11,7 @@ from holiclip.benchmarks.emoji.caption_backend import SceneBackend
 from holiclip.captioning.backends import backend_names, make_backend
 from holiclip.cli.caption import app as caption_app
 
-from cap_helpers import make_images, read_jsonl
+from tests.helpers.captioning import make_images, read_jsonl
 
 
 def _main_app() -> typer.Typer:

@@ -13,7 +13,7 @@ API key included).
 Safety: binds 127.0.0.1 only, answers at most ``max_requests`` requests and shuts itself
 down after ``lifetime_s`` seconds, so a forgotten server cannot linger.
 
-    python tests/captioning/loopback.py --latency 0.05   # prints "PORT <n>", serves
+    python tests/helpers/loopback.py --latency 0.05   # prints "PORT <n>", serves
 """
 from __future__ import annotations
 

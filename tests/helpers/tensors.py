@@ -1,11 +1,8 @@
-"""Helpers shared by the core tests (a plain module: `conftest` names collide across folders)."""
+"""Feature tensors for the loss and fusion tests."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-# Registry configs the model tests run on (timm-style parametrisation); ViT-B ones are too slow.
-SMALL_CONFIGS = ("holi-tiny", "holi-small")
 
 
 def unit(*shape, seed: int = 0, dtype=torch.float64) -> torch.Tensor:

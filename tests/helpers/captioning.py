@@ -1,7 +1,4 @@
-"""Shared helpers for the captioning tests: tiny images made on the spot, row readers.
-
-(A uniquely named module rather than conftest.py, so it cannot clash with other test folders.)
-"""
+"""Captioning test inputs and outputs: tiny images made on the spot, JSONL rows read back."""
 from __future__ import annotations
 
 import json
