@@ -1,9 +1,12 @@
-"""The command line starts light: help screens import no torch, open_clip or transformers."""
+"""The command line lists its commands and starts light: help screens import no torch, open_clip or transformers."""
 import json
 import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
+
+from holiclip.cli.app import app
 
 HEAVY = ("torch", "torchvision", "open_clip", "transformers")
 
@@ -24,3 +27,10 @@ def test_help_imports_no_torch(command: list[str]):
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert "Usage" in got["help"] and got["heavy"] == []
+
+
+def test_cli_lists_commands():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "caption", "eval", "explain", "data", "demo", "models"):
+        assert command in result.output

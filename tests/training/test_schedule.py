@@ -1,0 +1,27 @@
+"""Optimiser parameter groups."""
+from __future__ import annotations
+
+import open_clip
+
+from holiclip.models.registry import _build_clip, create_model, get_model_config
+from holiclip.training.schedule import param_groups
+
+
+def test_weight_decay_groups_follow_open_clip():
+    """open_clip's rule (ndim < 2, bn, ln, bias, logit_scale excluded): the positional embeddings are decayed."""
+    def decayed(model, groups):
+        ids = {id(p) for p in groups[0]["params"]}
+        return {n.removeprefix("clip.") for n, p in model.named_parameters() if id(p) in ids}
+
+    model = create_model("holi-tiny", branches=["global"])
+    plain = _build_clip(get_model_config("holi-tiny"), pretrained_text=False)
+    assert isinstance(plain, open_clip.CLIP)
+    want = {n for n, p in plain.named_parameters()
+            if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)}
+    got = decayed(model, param_groups(model, 0.2))
+    assert got == want
+    assert {"positional_embedding", "visual.positional_embedding"} <= got
+    mlp = create_model("holi-tiny", encoder="mlp", branches=["a", "b", "c"], mlp_layers=2)
+    got = decayed(mlp, param_groups(mlp, 0.2))
+    assert not any(n.endswith(("class_embedding", ".bias")) for n in got)  # 2-D class tokens and branch biases
+    assert any(n.endswith("mlp.c_proj.weight") for n in got)
