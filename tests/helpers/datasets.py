@@ -48,3 +48,10 @@ def make_dataset(root: Path, n: int = 16, name: str = "train.jsonl") -> Path:
             draw(i).save(root / "img" / f"{i}.png")
             fh.write(json.dumps({"image": f"img/{i}.png", "captions": captions(i)}) + "\n")
     return path
+
+
+def with_latin1_line(path: Path, line: int) -> None:
+    """Puts a Latin-1 byte (not valid UTF-8) into line ``line`` of a manifest written by make_dataset."""
+    lines = path.read_bytes().split(b"\n")
+    lines[line - 1] = lines[line - 1].replace(b"painted", b"peint\xe9")
+    path.write_bytes(b"\n".join(lines))

@@ -1,7 +1,9 @@
-"""Bad inputs found by running holiclip as a user would: each gets a clear message naming the
-file (and line), or a counted skip, never a traceback and never a silent wrong result."""
+"""Datasets and batching: manifests and their counts, image decoding (bit depth, size limits),
+bad images substituted and counted (never twice in a batch), tokenisation, the resumable sampler.
+Each bad input gets a clear message naming the file (and line), or a counted skip."""
 from __future__ import annotations
 
+import json
 import struct
 import time
 import zlib
@@ -9,21 +11,55 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from holiclip.data.loader import (
-    ImageTooLarge, MultiTextDataset, ResumableBatchSampler, load_manifest, open_image,
+    Collate, ImageTooLarge, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, open_image,
+    token_lengths,
 )
-from holiclip.data.readers import read_samples
 from holiclip.data.records import DataError
+from holiclip.models.registry import create_model, get_tokenizer, get_transforms
 
-from tests.helpers.datasets import make_dataset
+from tests.helpers.datasets import make_dataset, with_latin1_line
 
 runner = CliRunner()
 
 
-# -- 1. high bit depth -------------------------------------------------------------------------
+# -- manifests -------------------------------------------------------------------------------------
+def test_manifest_drop_policy_counts(tmp_path):
+    path = make_dataset(tmp_path, n=4)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    del rows[2]["captions"]["main"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"{path.name}:3: caption slot 'main' is missing"):
+        load_manifest(path, ["web", "main"])
+    m = load_manifest(path, ["web", "main"], "drop")
+    assert len(m.images) == 3 and m.dropped == 1
+
+
+def test_manifest_counts_are_recorded(tmp_path):
+    path = make_dataset(tmp_path, n=5)
+    with_latin1_line(path, 2)
+    m = load_manifest(path, ["web"], on_bad_row="skip")
+    assert m.counts() == {"rows": 5, "bad_rows": 1, "dropped": 0}
+    assert "1 malformed rows skipped" in m.summary()
+    assert load_manifest(make_dataset(tmp_path / "clean", n=3), ["web"]).summary() is None
+
+
+def test_folder_as_manifest_is_a_clear_error(tmp_path):
+    make_dataset(tmp_path, n=2)
+    with pytest.raises(DataError, match=rf"{tmp_path}: is a folder.*train\.jsonl"):
+        load_manifest(tmp_path, ["web"])
+    from holiclip.cli.app import app
+
+    res = runner.invoke(app, ["train", f"data.train={tmp_path}", "model.name=holi-tiny", f"run.out={tmp_path}/r"])
+    assert res.exit_code == 2 and "is a folder" in res.output and "Traceback" not in res.output
+
+
+# -- decoding: high bit depth ----------------------------------------------------------------------
 def _ramp(top: float, dtype) -> np.ndarray:
     """A 16 x 16 ramp from 0 to ``top`` (both ends included)."""
     return (np.linspace(0, top, 256).reshape(16, 16)).astype(dtype)
@@ -67,7 +103,7 @@ def test_8_bit_modes_convert_as_before(tmp_path, mode):
     assert (np.asarray(open_image(str(path))) == want).all()
 
 
-# -- 2. decompression bombs --------------------------------------------------------------------
+# -- decoding: decompression bombs -----------------------------------------------------------------
 def _png_header(path: Path, width: int, height: int) -> Path:
     """A real PNG whose IHDR claims width x height, with a tiny (truncated) body."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -103,55 +139,26 @@ def test_own_pixel_limit_is_checked_before_decoding(tmp_path):
         open_image(str(mid))
 
 
-# -- 3. encoding errors in manifests -----------------------------------------------------------
-def _with_latin1_line(path: Path, line: int) -> None:
-    lines = path.read_bytes().split(b"\n")
-    lines[line - 1] = lines[line - 1].replace(b"painted", b"peint\xe9")
-    path.write_bytes(b"\n".join(lines))
-
-
-def test_non_utf8_byte_names_file_and_line_and_can_be_skipped(tmp_path):
+# -- bad images: substituted and counted, never twice in a batch -----------------------------------
+def test_bad_images_are_substituted_and_counted(tmp_path):
     path = make_dataset(tmp_path, n=6)
-    _with_latin1_line(path, 4)
-    with pytest.raises(DataError, match=rf"{path.name}:4: not valid UTF-8 \(byte 0xe9 at column \d+\)"):
-        list(read_samples(path))
-    stats = {}
-    got = list(read_samples(path, on_error="skip", stats=stats))
-    assert [s.where.rsplit(":", 1)[1] for s in got] == ["1", "2", "3", "5", "6"]
-    assert stats["bad_rows"] == 1 and "4: not valid UTF-8" in stats["bad_examples"][0]
+    (tmp_path / "img" / "1.png").write_bytes(b"not a png at all")
+    (tmp_path / "img" / "4.png").unlink()
+    m = load_manifest(path, ["web"])
+    model = create_model("holi-tiny", branches=["web"])
+    ds = MultiTextDataset(m, get_transforms(model))
+    items = [ds[i] for i in range(len(ds))]
+    assert all(it["image"].shape == (3, 64, 64) for it in items)
+    # each bad image is replaced by a readable sample other than itself
+    assert items[1]["index"] in {0, 2, 3, 5} and "1.png" in items[1]["bad"][0]
+    assert items[4]["index"] in {0, 2, 3, 5} and "4.png" in items[4]["bad"][0]
+    assert sum(len(it["bad"]) for it in items) == 2
+    with pytest.raises(DataError, match=r"(?s)2 of 6 images unreadable .*1.png"):
+        check_bad_fraction(2, 6, 0.1, [b for it in items for b in it["bad"]])
+    check_bad_fraction(2, 6, 0.5, [])  # under the threshold: no error
 
 
-def test_non_utf8_byte_in_csv_names_line(tmp_path):
-    path = tmp_path / "d.csv"
-    path.write_bytes(b"image,web\na.png,fine\nb.png,caf\xe9\n")
-    with pytest.raises(DataError, match=r"d\.csv:3: not valid UTF-8"):
-        list(read_samples(path))
-
-
-def test_manifest_counts_are_recorded(tmp_path):
-    path = make_dataset(tmp_path, n=5)
-    _with_latin1_line(path, 2)
-    m = load_manifest(path, ["web"], on_bad_row="skip")
-    assert m.counts() == {"rows": 5, "bad_rows": 1, "dropped": 0}
-    assert "1 malformed rows skipped" in m.summary()
-    assert load_manifest(make_dataset(tmp_path / "clean", n=3), ["web"]).summary() is None
-
-
-# -- 5. a folder as manifest, corrupt images in eval -------------------------------------------
-def test_folder_as_manifest_is_a_clear_error(tmp_path):
-    make_dataset(tmp_path, n=2)
-    with pytest.raises(DataError, match=rf"{tmp_path}: is a folder.*train\.jsonl"):
-        load_manifest(tmp_path, ["web"])
-    from holiclip.cli.app import app
-
-    res = runner.invoke(app, ["train", f"data.train={tmp_path}", "model.name=holi-tiny", f"run.out={tmp_path}/r"])
-    assert res.exit_code == 2 and "is a folder" in res.output and "Traceback" not in res.output
-
-
-# -- 8. bad-image substitution never duplicates a batch member ---------------------------------
 def test_substitute_for_a_bad_image_is_not_in_the_batch(tmp_path):
-    from holiclip.models.registry import create_model, get_transforms
-
     path = make_dataset(tmp_path, n=12)
     (tmp_path / "img" / "4.png").write_bytes(b"not a png")
     m = load_manifest(path, ["web"])
@@ -165,11 +172,6 @@ def test_substitute_for_a_bad_image_is_not_in_the_batch(tmp_path):
 
 
 def test_loader_batches_have_no_duplicates_and_equal_rank_sizes(tmp_path):
-    from torch.utils.data import DataLoader
-
-    from holiclip.data.loader import Collate
-    from holiclip.models.registry import create_model, get_tokenizer, get_transforms
-
     path = make_dataset(tmp_path, n=24)
     for i in range(0, 24, 3):  # every third image unreadable: many bad neighbours in each batch
         (tmp_path / "img" / f"{i}.png").write_bytes(b"x")
@@ -188,3 +190,30 @@ def test_loader_batches_have_no_duplicates_and_equal_rank_sizes(tmp_path):
                 merged = [i for b in step for i in b]
                 assert len(set(merged)) == len(merged)  # no sample twice in the global batch
                 assert not any(i % 3 == 0 for i in merged)  # only readable images
+
+
+# -- tokenisation and sampling ---------------------------------------------------------------------
+def test_truncation_is_counted(tmp_path):
+    tok = get_tokenizer("holi-tiny")  # context 32
+    texts = ["short", "word " * 50]
+    assert token_lengths(tok, texts)[1] > 32 >= token_lengths(tok, texts)[0]
+    collate = Collate(tok, 32)
+    item = {"image": torch.zeros(3, 4, 4), "texts": texts, "index": 0, "bad": []}
+    batch = collate([item])
+    assert batch["texts"].shape == (1, 2, 32) and batch["truncated"] == 1
+
+
+def test_sampler_splits_global_batch_and_resumes():
+    one = ResumableBatchSampler(20, 8, seed=3)
+    ranks = [ResumableBatchSampler(20, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    for s in [one, *ranks]:
+        s.set_epoch(1)
+    for full, a, b in zip(one, *ranks):
+        assert full == a + b
+    s = ResumableBatchSampler(20, 8, seed=3)
+    s.set_epoch(1)
+    all_batches = list(s)
+    s.set_epoch(1, start_batch=1)
+    assert list(s) == all_batches[1:]
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        ResumableBatchSampler(3, 4)
