@@ -1,5 +1,7 @@
-"""The openai backend + runner against a real HTTP server on 127.0.0.1 that injects faults."""
+"""The openai backend + runner against a real HTTP server on 127.0.0.1 that injects faults; a refused
+key stops the run at once."""
 import email.utils
+import json
 import random
 import time
 from collections import Counter
@@ -10,9 +12,10 @@ import pytest
 from holiclip.captioning.backends.openai import OpenAIBackend, backoff_delay, parse_retry_after
 from holiclip.captioning.perspectives import PAPER_PERSPECTIVES, resolve_perspectives
 from holiclip.captioning.pipeline import RunAborted, run_captioning
+from holiclip.captioning.redact import REDACTED
 from holiclip.captioning.sources import ImageSource
 
-from tests.helpers.captioning import make_images, read_jsonl
+from tests.helpers.captioning import ENV, SECRET, caption_cli, files_text, make_images, read_jsonl
 from tests.helpers.loopback import Faults, LoopbackServer, expected_text
 
 PERSP = "detail,background,main"
@@ -129,3 +132,104 @@ def test_truncation_reported_and_circuit_breaker(tmp_path: Path):
         run_captioning(ImageSource(tmp_path / "imgs"), resolve_perspectives("detail,main"), be, tmp_path / "dead",
                        progress=False, max_consecutive_failures=3)
     assert "ConnectError" in read_jsonl(tmp_path / "dead" / "failures.jsonl")[0]["error"]
+
+
+# -- a refused key -----------------------------------------------------------------------------------
+def test_key_with_line_break_is_refused_without_showing_it(tmp_path: Path, monkeypatch):
+    make_images(tmp_path / "imgs", 1)
+    # trailing whitespace (a CRLF .env file) is dropped and the key works
+    monkeypatch.setenv(ENV, SECRET + "\r\n")
+    with LoopbackServer(api_key=SECRET, lifetime_s=30) as srv:
+        be = OpenAIBackend("fake-vlm", base_url=srv.url, api_key_env=ENV)
+        st = run_captioning(ImageSource(tmp_path / "imgs"), resolve_perspectives("detail"), be, tmp_path / "out",
+                            progress=False)
+    assert st.rows_written == 1 and srv.auth_failures == 0
+    # a break inside the key cannot go in a header: a clear error that names the variable, not the value
+    monkeypatch.setenv(ENV, SECRET[:10] + "\n" + SECRET[10:])
+    with pytest.raises(ValueError, match=f"\\${ENV}.*line break") as info:
+        OpenAIBackend("fake-vlm", base_url="http://127.0.0.1:9/v1", api_key_env=ENV)
+    assert SECRET[:10] not in str(info.value)
+    # the key given where the variable's name goes: refused, and not repeated
+    with pytest.raises(ValueError, match="--api-key-env takes the name of an environment variable") as info:
+        OpenAIBackend("fake-vlm", base_url="http://127.0.0.1:9/v1", api_key_env=SECRET)
+    assert SECRET[:10] not in str(info.value)
+
+
+def test_refused_key_stops_after_one_request_and_the_run_resumes(tmp_path: Path, monkeypatch):
+    imgs = tmp_path / "imgs"
+    make_images(imgs, 4)
+    out = tmp_path / "out"
+    persp = ("--perspectives", "detail,style", "--no-progress", "--concurrency", "8")
+    monkeypatch.setenv(ENV, SECRET)
+
+    def good_run():  # in-process; the runs under test are real commands
+        be = OpenAIBackend("fake-vlm", base_url=srv.url, api_key_env=ENV, concurrency=8)
+        return run_captioning(ImageSource(imgs), resolve_perspectives("detail,style"), be, out, progress=False)
+
+    with LoopbackServer(api_key=SECRET, lifetime_s=200) as srv:
+        assert good_run().rows_written == 8  # 4 images done
+        before = (out / "captions.jsonl").read_bytes()
+        make_images(imgs, 10)  # 6 new images arrive
+        n0 = srv.posts
+        bad = caption_cli(srv.url, imgs, out, SECRET + "-revoked", *persp)
+        bad_posts = srv.posts - n0
+        # One request, not 12: until the server has answered once, requests go one at a time.
+        assert bad_posts == 1 and srv.auth_failures == 1
+        assert bad.returncode == 3 and "Traceback" not in bad.stderr
+        assert "HTTP 401" in bad.stderr and f"${ENV}" in bad.stderr and "re-run the same command" in bad.stderr
+        assert SECRET not in bad.stderr + bad.stdout + files_text(out)
+        assert (out / "captions.jsonl").read_bytes() == before  # nothing lost, nothing half-done recorded
+        assert not (out / "failures.jsonl").exists()  # not the images' fault: no failure rows to retry
+        # unset variable: the message says no key was sent and which variable to set
+        nokey = caption_cli(srv.url, imgs, out, None, *persp)
+        assert nokey.returncode == 3 and f"${ENV} is not set" in nokey.stderr and "Traceback" not in nokey.stderr
+        n1 = srv.posts
+        again = good_run()
+        assert again.failures == 0 and srv.posts - n1 == 6 * 2  # only what was missing
+    rows = read_jsonl(out / "captions.jsonl")
+    assert len(rows) == 20 and set(Counter((r["image"], r["perspective"]) for r in rows).values()) == {1}
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_401_403_echoing_the_request_stop_after_one_request(tmp_path: Path, monkeypatch, status: int):
+    # 401 or 403 with an echo of the request: stops after one request, and the message shows no key.
+    make_images(tmp_path / "imgs", 6)
+    monkeypatch.setenv(ENV, SECRET)
+    with LoopbackServer(echo_status=status, lifetime_s=30) as srv:
+        be = OpenAIBackend("fake-vlm", base_url=srv.url, api_key_env=ENV, concurrency=8, backoff_base=0.001)
+        with pytest.raises(RunAborted) as info:
+            run_captioning(ImageSource(tmp_path / "imgs"), resolve_perspectives("detail,main"), be, tmp_path / "out",
+                           progress=False)
+        assert srv.posts == 1
+    msg = str(info.value)
+    assert f"HTTP {status}" in msg and f"${ENV}" in msg and SECRET not in msg and REDACTED in msg
+    assert read_jsonl(tmp_path / "out" / "captions.jsonl") == [] and not (tmp_path / "out" / "failures.jsonl").exists()
+
+
+def test_key_revoked_mid_run_sends_at_most_the_requests_in_flight(tmp_path: Path, monkeypatch):
+    # After the first answer requests overlap, so a key that stops working mid-run costs at most
+    # --concurrency refused requests (those already sent); none is sent after the first refusal.
+    make_images(tmp_path / "imgs", 30)
+    monkeypatch.setenv(ENV, SECRET)
+    conc = 4
+    with LoopbackServer(api_key=SECRET, latency_s=0.02, lifetime_s=60) as srv:
+        be = OpenAIBackend("fake-vlm", base_url=srv.url, api_key_env=ENV, concurrency=conc)
+        orig_post = be._client.post
+        state = {"n": 0}
+
+        async def post(*a, **kw):  # the key is revoked on the server after 10 requests
+            state["n"] += 1
+            if state["n"] == 11:
+                srv.api_key = "rotated"
+            return await orig_post(*a, **kw)
+
+        be._client.post = post
+        with pytest.raises(RunAborted, match="HTTP 401"):
+            run_captioning(ImageSource(tmp_path / "imgs"), resolve_perspectives("detail"), be, tmp_path / "out",
+                           progress=False)
+        refused = srv.auth_failures
+    assert 1 <= refused <= conc
+    rows = read_jsonl(tmp_path / "out" / "captions.jsonl")
+    # rows answered before the stop are kept (a 200 still in flight at the stop is asked again on resume)
+    assert 10 - conc <= len(rows) <= srv.posts - refused
+    assert len({r["image"] for r in rows}) == len(rows) and SECRET not in json.dumps(rows)

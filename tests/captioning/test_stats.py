@@ -1,4 +1,4 @@
-"""Quality flags and `caption stats` (counts, lengths, Table 9 diversity)."""
+"""`caption stats`: counts, lengths, flags, Table 9 diversity."""
 import json
 from pathlib import Path
 
@@ -6,28 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from holiclip.captioning.quality import caption_flags, duplicate_slots
 from holiclip.captioning.stats import MiniLMEmbedder, compute_stats, format_stats, mean_pairwise_cosine
 from holiclip.cli.caption import app
-
-
-@pytest.mark.parametrize("text, finish, flags", [
-    ("A red car parked on a street.", "stop", []),
-    ("   ", "stop", ["empty"]),
-    ("...", None, ["empty"]),
-    ("I'm sorry, but I can't help with that.", "stop", ["refused"]),
-    ("I cannot describe people in images.", "stop", ["refused"]),
-    ("As an AI language model, I do not see images.", "stop", ["refused"]),
-    ("Sorry, I am unable to view images.", "stop", ["refused"]),
-    ("A sorry-looking dog sits in the rain.", "stop", []),  # 'sorry' but not a refusal
-    ("The cat I cannot forget sits on a mat", "length", ["truncated"]),
-])
-def test_caption_flags(text, finish, flags):
-    assert caption_flags(text, finish) == flags
-
-
-def test_duplicate_slots():
-    assert duplicate_slots({"web": "A cat.", "detail": "a  cat", "style": "Calm.", "main": ""}) == {"web", "detail"}
 
 
 def _dataset(tmp: Path) -> Path:
