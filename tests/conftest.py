@@ -1,10 +1,12 @@
-"""Shared helpers for the core tests: small, CPU-only, deterministic."""
+"""Fixtures shared by every test folder: small, CPU-only, deterministic."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-import holiclip  # noqa: F401  (installs the torchvision shim before open_clip is imported)
+import holiclip  # (also installs the torchvision shim before open_clip is imported)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,3 +25,32 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- a random-weight holi-tiny model with three named branches, saved once --------------------------
+BRANCHES = ("web", "detail", "main")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = holiclip.create_model("holi-tiny", branches=BRANCHES)
+    return holiclip.save_model(model, tmp_path_factory.mktemp("ckpt") / "holi-tiny")
+
+
+@pytest.fixture(scope="session")
+def eval_model(tiny_checkpoint):
+    from holiclip.evaluation import load_eval_model
+
+    return load_eval_model(tiny_checkpoint)
+
+
+def _solid_image(path, color, size=(40, 48)):
+    Image.fromarray(np.full((*size, 3), color, dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def solid_image():
+    """solid_image(path, (r, g, b), size=(h, w)) writes a one-colour image and returns its path."""
+    return _solid_image

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 import holiclip
 from holiclip.evaluation import groups_from_identical_captions, recall_at_k, retrieval_ranks
-from holiclip.evaluation.tasks import branch_variants
 
 
 def e(*idx, d=4):
@@ -182,17 +181,6 @@ def test_branch_subset_selects_the_named_branches():
     assert pair == recall_at_k(F.normalize(noise[:, :2].mean(1), dim=-1), texts, t2i)
     with pytest.raises(KeyError, match="unknown branch"):
         recall_at_k(feats, texts, t2i, branches=["style"], names=names)
-
-
-def test_per_branch_variants():
-    rows = branch_variants(("web", "detail", "main"), "max", per_branch=True)
-    assert rows == [("web", "mean", ["web"]), ("detail", "mean", ["detail"]), ("main", "mean", ["main"]),
-                    ("max(web+detail+main)", "max", None)]
-    rows = branch_variants(("web", "detail", "main"), "mean", branches=["main", "web"], per_branch=True)
-    assert [r[0] for r in rows] == ["main", "web", "mean(main+web)"] and rows[-1][2] == ["main", "web"]
-    assert branch_variants(("web",), "mean") == [("mean(web)", "mean", None)]
-    with pytest.raises(KeyError):
-        branch_variants(("web",), branches=["nope"])
 
 
 def test_bad_inputs_are_named():

@@ -55,3 +55,10 @@ def with_latin1_line(path: Path, line: int) -> None:
     lines = path.read_bytes().split(b"\n")
     lines[line - 1] = lines[line - 1].replace(b"painted", b"peint\xe9")
     path.write_bytes(b"\n".join(lines))
+
+
+def dataset_with_corrupt_image(root: Path, n: int = 6) -> Path:
+    """make_dataset with image 2 not a readable PNG."""
+    path = make_dataset(root, n=n)
+    (root / "img" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return path

@@ -1,45 +1,21 @@
-"""Bad inputs to evaluation: corrupt images are skipped, counted and named (or a clear error
-when nothing is left), and ``zeroshot --limit`` takes a seeded class-stratified subset."""
+"""Evaluation tasks: corrupt images are skipped, counted and named without shifting the pairs,
+``zeroshot --limit`` takes a seeded class-stratified subset, per-branch variants."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
+import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from tests.helpers.datasets import make_dataset
+from holiclip.evaluation import run_task
+from holiclip.evaluation.datasets import load_retrieval, stratified_subset
+from holiclip.evaluation.tasks import branch_variants
 
-runner = CliRunner()
-
-
-def _eval_manifest(root: Path, n: int = 6) -> Path:
-    path = make_dataset(root, n=n)
-    (root / "img" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    return path
-
-
-def test_eval_retrieval_skips_and_names_a_corrupt_image(tmp_path, tiny_checkpoint):
-    from holiclip.cli.app import app
-
-    data = _eval_manifest(tmp_path)
-    out = tmp_path / "r.json"
-    res = runner.invoke(app, ["eval", "retrieval", "--data", str(data), "-c", str(tiny_checkpoint), "--slots", "web,main",
-                              "--out", str(out), "--no-progress"])
-    assert res.exit_code == 0, res.output
-    assert "1 unreadable image skipped" in res.output and "2.png" in res.output
-    doc = json.loads(out.read_text())
-    assert doc["images"] == 5 and doc["texts"] == 10  # the image and its two texts left out
-    assert [s["image"] for s in doc["skipped_images"]] == [str(tmp_path / "img" / "2.png")]
+from tests.helpers.datasets import dataset_with_corrupt_image
 
 
 def test_eval_skipping_keeps_the_right_pairs(tmp_path, eval_model):
     """Leaving a bad image out must not shift which text belongs to which image."""
-    from holiclip.evaluation import run_task
-    from holiclip.evaluation.datasets import load_retrieval
-
-    data = _eval_manifest(tmp_path)
+    data = dataset_with_corrupt_image(tmp_path)
     ds = load_retrieval(data, slots=["web", "main"])
     kept = ds.drop([2])
     assert kept.images == ds.images[:2] + ds.images[3:]
@@ -54,8 +30,6 @@ def test_eval_skipping_keeps_the_right_pairs(tmp_path, eval_model):
 
 
 def test_eval_zeroshot_and_dense_skip_corrupt_images(tmp_path, eval_model, solid_image):
-    from holiclip.evaluation import run_task
-
     for name in ("red", "blue"):
         (tmp_path / "f" / name).mkdir(parents=True)
         for i in range(2):
@@ -76,23 +50,8 @@ def test_eval_zeroshot_and_dense_skip_corrupt_images(tmp_path, eval_model, solid
     assert res["images"] == 2 and [s["image"] for s in res["skipped_images"]] == [str(seg / "images" / "1.png")]
 
 
-def test_eval_with_only_unreadable_images_is_a_clear_error(tmp_path, tiny_checkpoint):
-    from holiclip.cli.app import app
-
-    data = make_dataset(tmp_path, n=2)
-    for i in range(2):
-        (tmp_path / "img" / f"{i}.png").write_bytes(b"garbage")
-    res = runner.invoke(app, ["eval", "retrieval", "--data", str(data), "-c", str(tiny_checkpoint), "--no-progress",
-                              "--out", str(tmp_path / "r.json")])
-    assert res.exit_code == 2 and "no readable images" in res.output and "0.png" in res.output
-    assert "Traceback" not in res.output
-
-
-# -- 7. zeroshot --limit -----------------------------------------------------------------------
+# -- zeroshot --limit ------------------------------------------------------------------------------
 def test_zeroshot_limit_is_a_seeded_class_stratified_subset(tmp_path, eval_model, solid_image):
-    from holiclip.evaluation import run_task
-    from holiclip.evaluation.datasets import stratified_subset
-
     labels = [c for c in range(10) for _ in range(7)]  # class-sorted, as an ImageFolder is read
     pick = stratified_subset(labels, 20, seed=0)
     assert len(pick) == 20 and pick == sorted(set(pick)) and pick == stratified_subset(labels, 20, seed=0)
@@ -108,3 +67,14 @@ def test_zeroshot_limit_is_a_seeded_class_stratified_subset(tmp_path, eval_model
     res = run_task("zeroshot", eval_model, tmp_path, templates="simple", limit=5)
     assert res["images"] == 5
     assert sum(r is not None for r in res["metrics"]["per_class_recall"].values()) == 5  # every class present
+
+
+def test_per_branch_variants():
+    rows = branch_variants(("web", "detail", "main"), "max", per_branch=True)
+    assert rows == [("web", "mean", ["web"]), ("detail", "mean", ["detail"]), ("main", "mean", ["main"]),
+                    ("max(web+detail+main)", "max", None)]
+    rows = branch_variants(("web", "detail", "main"), "mean", branches=["main", "web"], per_branch=True)
+    assert [r[0] for r in rows] == ["main", "web", "mean(main+web)"] and rows[-1][2] == ["main", "web"]
+    assert branch_variants(("web",), "mean") == [("mean(web)", "mean", None)]
+    with pytest.raises(KeyError):
+        branch_variants(("web",), branches=["nope"])

@@ -1,4 +1,5 @@
-"""`holiclip eval ...` and `holiclip explain` through the main app."""
+"""`holiclip eval ...` through the main app: per-branch rows, truncation, the task options, bad input
+and unreadable images."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from holiclip.cli.app import app
+
+from tests.helpers.datasets import dataset_with_corrupt_image, make_dataset
+
 
 runner = CliRunner()
 
@@ -86,13 +90,23 @@ def test_bad_input_is_a_clean_error(tmp_path, tiny_checkpoint):
     assert res.exit_code == 2 and "--checkpoint" in res.output
 
 
-def test_explain_command(tmp_path, tiny_checkpoint, solid_image):
-    img = solid_image(tmp_path / "x.png", (10, 100, 200))
-    res = runner.invoke(app, ["explain", img, "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "m.png")])
+def test_eval_retrieval_skips_and_names_a_corrupt_image(tmp_path, tiny_checkpoint):
+    data = dataset_with_corrupt_image(tmp_path)
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval", "retrieval", "--data", str(data), "-c", str(tiny_checkpoint), "--slots", "web,main",
+                              "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    doc = json.loads((tmp_path / "m.json").read_text())
-    assert [b["branch"] for b in doc["branches"]] == ["web", "detail", "main"]
-    grid = doc["branches"][0]["map"]
-    assert len(grid) == 4 and len(grid[0]) == 4  # holi-tiny: 64 px / 16 px patches
-    assert 0.0 <= doc["branches"][0]["entropy"] <= 1.0 and "entropy" in res.output
+    assert "1 unreadable image skipped" in res.output and "2.png" in res.output
+    doc = json.loads(out.read_text())
+    assert doc["images"] == 5 and doc["texts"] == 10  # the image and its two texts left out
+    assert [s["image"] for s in doc["skipped_images"]] == [str(tmp_path / "img" / "2.png")]
+
+
+def test_eval_with_only_unreadable_images_is_a_clear_error(tmp_path, tiny_checkpoint):
+    data = make_dataset(tmp_path, n=2)
+    for i in range(2):
+        (tmp_path / "img" / f"{i}.png").write_bytes(b"garbage")
+    res = runner.invoke(app, ["eval", "retrieval", "--data", str(data), "-c", str(tiny_checkpoint), "--no-progress",
+                              "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "no readable images" in res.output and "0.png" in res.output
+    assert "Traceback" not in res.output
