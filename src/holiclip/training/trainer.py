@@ -96,13 +96,14 @@ class Trainer:
         text_index = None
         if cfg.data.text_cache == "auto" and self.model.text_trunk_frozen():
             texts = unique_texts(self.manifest)
-            if self.dist.is_main:
-                build_text_cache(self.model, self.tokenizer, texts, cfg.run.cache_dir, self.device,
-                                 progress=cfg.run.progress)
+            if self.dist.is_main:  # rank 0 fills the cache; the other ranks then read it
+                built = build_text_cache(self.model, self.tokenizer, texts, cfg.run.cache_dir, self.device,
+                                         progress=cfg.run.progress)
             barrier()
-            self.text_features, text_index = build_text_cache(
-                self.model, self.tokenizer, texts, cfg.run.cache_dir, self.device, progress=False
-            )
+            if not self.dist.is_main:
+                built = build_text_cache(self.model, self.tokenizer, texts, cfg.run.cache_dir, self.device,
+                                         progress=False)
+            self.text_features, text_index = built
             self.text_features = self.text_features.to(self.device)
         self.sampler = ResumableBatchSampler(
             len(self.dataset), cfg.optim.batch_size, self.dist.rank, self.dist.world_size, cfg.run.seed
