@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from .readers import read_samples
-from .records import DataError, apply_missing_slot_policy
+from .records import DataError, apply_missing_slot_policy, missing_slots
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def load_manifest(
         if texts is None:
             out.dropped += 1
             if len(out.dropped_examples) < 5:
-                gone = [s for s in slots if not isinstance(sample.captions.get(s), str) or not sample.captions[s].strip()]
+                gone = missing_slots(sample.captions, slots)
                 out.dropped_examples.append(f"{sample.where} (no {', '.join(map(repr, gone))})")
             continue
         out.images.append(sample.image)

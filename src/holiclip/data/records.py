@@ -49,6 +49,15 @@ def parse_policy(policy: str) -> tuple[str, str | None]:
     raise ValueError(f"missing-slot policy must be one of {MISSING_POLICIES}, got {policy!r}")
 
 
+def has_text(value: Any) -> bool:
+    """A caption slot is present when it holds a non-blank string."""
+    return isinstance(value, str) and bool(value.strip())
+
+
+def missing_slots(captions: dict[str, Any], slots: Sequence[str]) -> list[str]:
+    return [slot for slot in slots if not has_text(captions.get(slot))]
+
+
 def apply_missing_slot_policy(
     captions: dict[str, Any], slots: Sequence[str], policy: str = "error", where: str = ""
 ) -> list[str] | None:
@@ -62,7 +71,7 @@ def apply_missing_slot_policy(
     texts = []
     for slot in slots:
         text = captions.get(slot)
-        if not isinstance(text, str) or not text.strip():
+        if not has_text(text):
             if kind == "error":
                 got = "empty" if isinstance(text, str) else ("missing" if text is None else f"not a string ({type(text).__name__})")
                 raise DataError(
@@ -72,7 +81,7 @@ def apply_missing_slot_policy(
             if kind == "drop":
                 return None
             text = captions.get(source)
-            if not isinstance(text, str) or not text.strip():
+            if not has_text(text):
                 raise DataError(f"{where}: slot {slot!r} missing and fill source {source!r} missing too")
         texts.append(text)
     return texts

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.readers import IMAGE_EXTENSIONS, read_samples, resolve_path
-from ..data.records import DataError
+from ..data.records import DataError, has_text
 from ..io import jsonl_rows, read_json, read_text
 
 RETRIEVAL_FORMATS = ("auto", "manifest", "coco", "karpathy", "long", "urban1k")
@@ -72,7 +72,7 @@ def read_manifest_retrieval(path, slots: Sequence[str] | None = None, limit: int
         row = len(data.images)
         for slot in wanted:
             text = sample.captions.get(slot)
-            if not isinstance(text, str) or not text.strip():
+            if not has_text(text):
                 raise DataError(f"{sample.where}: caption slot {slot!r} missing or empty (slots: {sorted(sample.captions)})")
             data.texts.append(text)
             data.text_to_image.append(row)

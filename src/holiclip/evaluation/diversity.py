@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from ..data.readers import read_samples
+from ..data.records import has_text
 from .features import encode_texts
 
 
@@ -57,7 +58,7 @@ def text_diversity(
     for sample in read_samples(manifest):
         if limit is not None and len(rows) >= limit:
             break
-        rows.append({k: v for k, v in sample.captions.items() if isinstance(v, str) and v.strip()})
+        rows.append({k: v for k, v in sample.captions.items() if has_text(v)})
     if not rows:
         raise ValueError(f"{manifest}: no samples")
     if slots is None:
