@@ -42,9 +42,11 @@ SLOTS = ["web", "detail", "nouns", "background", "main"]
 
 
 # The variants' YAML files live in the source tree (a checkout or `pip install -e .`):
-# src/holiclip/benchmarks/emoji/demo.py -> <checkout>/configs/demo
+# src/holiclip/benchmarks/emoji/demo.py -> <checkout>/configs/demo (the demo's) and configs/ablations
 VARIANT_DIR = Path(__file__).resolve().parents[4] / "configs" / "demo"
+ABLATION_DIR = VARIANT_DIR.parent / "ablations"
 VARIANTS = ("clip", "o2m", "holistic_cls", "holistic_mlp", "holistic_hybrid")
+ABLATIONS = ("texts_h2", "texts_h3", "texts_h4", "holistic_mlp_l3", "holistic_cls_diversity", "fused_o2m_h5")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class Variant:
 
 @functools.cache
 def load_variant(name: str) -> Variant:
-    path = VARIANT_DIR / f"{name}.yaml"
+    path = next((d / f"{name}.yaml" for d in (VARIANT_DIR, ABLATION_DIR) if (d / f"{name}.yaml").is_file()),
+                VARIANT_DIR / f"{name}.yaml")
     if not path.is_file():
         raise ValueError(f"demo variant config {path} not found: the demo runs from a source checkout "
                          "or an editable install (pip install -e .)")
@@ -250,9 +253,9 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
         mode = replace(mode, seeds=tuple(range(seeds)))
     names = variants or list(VARIANTS)
     jobs = jobs if jobs is not None else min(2, os.cpu_count() or 1)
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v not in VARIANTS + ABLATIONS]
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS + ABLATIONS)}")
     # each variant's config (its YAML + this mode) is checked before the data build and any training;
     # the paths here are placeholders
     models = sorted({variant_config(mode, n, Path("."), Path(out), 0, Path(".")).model.name for n in names})
