@@ -19,6 +19,7 @@ from ..io import jsonl_rows
 from ..loss import M2MLoss
 from ..models.registry import create_model, get_tokenizer, get_transforms, save_model
 from . import checkpoint as ckpt
+from .accumulate import backward_as_one_batch
 from .config import TrainConfig, save_config
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from .logger import MetricLogger
@@ -47,6 +48,21 @@ def autocast_for(precision: str, device: str):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.split(":")[0]) if precision == "amp" else None
     return torch.autocast(device.split(":")[0], dtype=dtype), scaler
+
+
+def compile_for(net: torch.nn.Module, device: str) -> torch.nn.Module:
+    """torch.compile of the module the forward calls (DDP included, so its gradient buckets stay
+    overlapped); the model itself is not wrapped, so its state_dict keys, checkpoints and saved
+    models are the same as without compiling."""
+    if not device.startswith("cuda"):  # inductor's CPU code is C++: say so before the first step, not inside it
+        from torch._inductor import cpp_builder, exc
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except exc.InvalidCxxCompiler:
+            raise ValueError("run.compile=true on CPU: torch.compile needs a C++ compiler and none was found "
+                             "(g++ or $CXX); install one (e.g. apt-get install g++) or set run.compile=false") from None
+    return torch.compile(net)
 
 
 def seed_everything(seed: int) -> None:
@@ -125,6 +141,8 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None
             )
+        if cfg.run.compile:
+            self.net = compile_for(self.net, self.device)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.counters = {"seen": 0, "bad": 0, "truncated": 0, "texts": 0, **self.manifest.counts()}
         self.bad_examples: list[str] = []
@@ -177,6 +195,10 @@ class Trainer:
         check_bad_fraction(c["bad"], c["seen"], self.cfg.data.max_bad_fraction, self.bad_examples)
 
     def _forward_loss(self, batch) -> dict:
+        return self._loss(self._forward(batch))
+
+    def _forward(self, batch) -> dict:
+        """The model outputs the loss takes: per-sample features and the shared logit scale."""
         images = batch["images"].to(self.device, non_blocking=True)
         with self.autocast:
             if self.text_features is not None:
@@ -184,6 +206,9 @@ class Trainer:
                 out = self.net(images=images, text_trunk_features=self.text_features[ids])
             else:
                 out = self.net(images=images, texts=batch["texts"].to(self.device))
+        return out
+
+    def _loss(self, out: dict) -> dict:
         # the loss in fp32 outside autocast: bf16 logits (8-bit mantissa) blur the softmax over the batch
         return self.loss_fn(out["image_features"].float(), out["text_features"].float(),
                             out["logit_scale"].float(), output_dict=True)
@@ -222,37 +247,9 @@ class Trainer:
         self.model.train()
         t0, samples_since = time.perf_counter(), 0
         while self.step < end:
-            terms: dict[str, float] = {}
-            for _ in range(accum):
-                batch = next(batches)
-                self._account(batch)
-                losses = self._forward_loss(batch)
-                total = sum(losses.values())
-                if not torch.isfinite(total):
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {self.step}: " + ", ".join(f"{k}={v.item()}" for k, v in losses.items())
-                        + f"; last checkpoint in {self.ckpt_dir} (resume with --resume latest, maybe with a lower lr)"
-                    )
-                scaled = total / accum
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                for k, v in losses.items():
-                    terms[k] = terms.get(k, 0.0) + v.item() / accum
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # as open_clip: logit scale clamped at ln(100)
-                self.model.logit_scale.clamp_(0, math.log(100))
+            terms = self._train_step([next(batches) for _ in range(accum)])
             self.step += 1
             samples_since += global_batch
-            terms["loss"] = sum(v for k, v in terms.items() if k.endswith("_loss"))
             last = terms
             if self.step % cfg.run.log_every == 0 or self.step == end:
                 if self.dist.enabled:  # the global loss: mean of the ranks' local losses
@@ -276,6 +273,52 @@ class Trainer:
         barrier()
         return {"step": self.step, "last": last, "counters": dict(self.counters), "out": str(self.out),
                 "trained_steps": self.step - start}
+
+    # -- one optimisation step -------------------------------------------------------------
+    def _train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimiser step on ``optim.accum_steps`` micro-batches trained as one batch; returns
+        the loss terms of that batch and their sum ``loss``."""
+        for batch in micro_batches:
+            self._account(batch)
+        losses = self._backward(micro_batches)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # as open_clip: logit scale clamped at ln(100)
+            self.model.logit_scale.clamp_(0, math.log(100))
+        terms = {k: v.item() for k, v in losses.items()}
+        terms["loss"] = sum(v for k, v in terms.items() if k.endswith("_loss"))
+        return terms
+
+    def _backward(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        """Accumulates the gradient of the loss on the micro-batches as one batch into ``.grad``
+        (training/accumulate.py); returns that batch's loss terms."""
+        def backward(total):
+            (self.scaler.scale(total) if self.scaler else total).backward()
+
+        if len(micro_batches) == 1:
+            losses = self._forward_loss(micro_batches[0])
+            self._check_finite(losses)
+            backward(sum(losses.values()))
+            return losses
+        no_sync = self.net.no_sync if self.dist.enabled else nullcontext
+        return backward_as_one_batch(micro_batches, self._forward, self._loss, backward, no_sync=no_sync,
+                                     check=self._check_finite, device=self.device)
+
+    def _check_finite(self, losses: dict) -> None:
+        if not torch.isfinite(sum(losses.values())):
+            raise NonFiniteLoss(
+                f"non-finite loss at step {self.step}: " + ", ".join(f"{k}={v.item()}" for k, v in losses.items())
+                + f"; last checkpoint in {self.ckpt_dir} (resume with --resume latest, maybe with a lower lr)"
+            )
 
     def _account(self, batch) -> None:
         n = len(batch["index"]) + len(batch["bad"])
