@@ -87,6 +87,7 @@ class RunCfg:
     progress: bool = True
     max_steps_this_run: int | None = None  # stop early (tests simulate an interruption)
     cache_dir: str = ".cache/holiclip"  # text-feature caches shared between runs
+    compile: bool = False  # torch.compile the model (on CPU inductor needs a C++ compiler, g++ or $CXX)
 
 
 @dataclass

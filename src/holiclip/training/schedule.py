@@ -22,8 +22,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_available(params) -> bool:
+    """The fused AdamW kernel (one launch for all parameters) when every parameter is on a GPU;
+    on CPU the default (foreach) implementation stays, so CPU runs and their checkpoints are unchanged."""
+    params = list(params)
+    return bool(params) and all(p.device.type == "cuda" for p in params)
+
+
 def create_optimizer(model, lr, weight_decay, betas, eps) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    groups = param_groups(model, weight_decay)
+    fused = fused_available(p for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **({"fused": True} if fused else {}))
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
