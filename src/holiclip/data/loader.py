@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,8 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from .readers import read_samples
-from .records import DataError, apply_missing_slot_policy, missing_slots
+from .manifest import LoadedManifest, load_manifest  # noqa: F401  (imported from here by callers)
+from .records import DataError
 
 log = logging.getLogger(__name__)
 
@@ -102,70 +101,6 @@ def _full_scale(mode: str, a: np.ndarray) -> float:
     return 65535.0 if hi <= 65535.0 else float(2**31 - 1)
 
 
-@dataclass
-class LoadedManifest:
-    images: list
-    texts: list[list[str]]
-    where: list[str]
-    dropped: int = 0
-    bad_rows: int = 0
-    meta: list[dict] = field(default_factory=list)
-    path: str = ""
-    rows: int = 0  # rows read: used + dropped + malformed
-    bad_row_examples: list[str] = field(default_factory=list)
-    dropped_examples: list[str] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        return {"rows": self.rows, "bad_rows": self.bad_rows, "dropped": self.dropped}
-
-    def summary(self) -> str | None:
-        """What was left out of the manifest and why (None when every row is used)."""
-        if not (self.bad_rows or self.dropped):
-            return None
-        lines = [f"{self.path}: {len(self.images)} of {self.rows} rows used"]
-        if self.bad_rows:
-            lines.append(f"  {self.bad_rows} malformed rows skipped (data.on_bad_row=skip), first: "
-                         + "; ".join(self.bad_row_examples[:3]))
-        if self.dropped:
-            lines.append(f"  {self.dropped} samples dropped (data.missing_slot_policy=drop), first: "
-                         + "; ".join(self.dropped_examples[:3]))
-        return "\n".join(lines)
-
-    def report(self) -> None:
-        """Logs :meth:`summary` as a warning when rows were left out."""
-        text = self.summary()
-        if text:
-            log.warning("%s", text)
-
-
-def load_manifest(
-    path, slots: Sequence[str], missing_slot_policy: str = "error", list_slots: Sequence[str] | None = None,
-    on_bad_row: str = "error",
-) -> LoadedManifest:
-    """Reads a whole manifest, applying the missing-slot policy per row."""
-    stats: dict = {}
-    out = LoadedManifest([], [], [], path=str(path))
-    for sample in read_samples(path, list_slots=list_slots, on_error=on_bad_row, stats=stats):
-        texts = apply_missing_slot_policy(sample.captions, slots, missing_slot_policy, sample.where)
-        if texts is None:
-            out.dropped += 1
-            if len(out.dropped_examples) < 5:
-                gone = missing_slots(sample.captions, slots)
-                out.dropped_examples.append(f"{sample.where} (no {', '.join(map(repr, gone))})")
-            continue
-        out.images.append(sample.image)
-        out.texts.append(texts)
-        out.where.append(sample.where)
-        out.meta.append(sample.meta)
-    out.bad_rows = stats.get("bad_rows", 0)
-    out.bad_row_examples = list(stats.get("bad_examples", []))
-    out.rows = len(out.images) + out.dropped + out.bad_rows
-    if not out.images:
-        raise DataError(f"{path}: no usable samples (dropped {out.dropped}, bad rows {out.bad_rows})"
-                        + (f"\n{out.summary()}" if out.summary() else ""))
-    return out
-
-
 class MultiTextDataset(Dataset):
     """Item i -> {"image": (3, S, S) float tensor, "texts": [M strings], "index": i, "bad": [...]}.
 
@@ -194,6 +129,11 @@ class MultiTextDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def iter_texts(self):
+        """Every training text (all slots of every sample, repeats included), for the text cache."""
+        for texts in self.manifest.texts:
+            yield from texts
 
     def __len__(self) -> int:
         return len(self.manifest.images)
@@ -332,12 +272,14 @@ def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
 
 
 class Collate:
-    """Stacks images; tokenises texts to (B, M, L) or maps them to cache rows; counts truncation."""
+    """Stacks images; tokenises texts to (B, M, L) and counts truncation, or, with a
+    ``text_cache`` (:class:`holiclip.training.text_cache.TextCache`), gathers their frozen trunk
+    features (B, M, W) from its memory maps (in the DataLoader worker, off the training loop)."""
 
-    def __init__(self, tokenizer=None, context_length: int = 77, text_index: dict[str, int] | None = None):
+    def __init__(self, tokenizer=None, context_length: int = 77, text_cache=None):
         self.tokenizer = tokenizer
         self.context_length = context_length
-        self.text_index = text_index
+        self.text_cache = text_cache
 
     def __call__(self, items: list[dict]) -> dict:
         batch_size, num_slots = len(items), len(items[0]["texts"])
@@ -348,8 +290,8 @@ class Collate:
             "bad": [b for it in items for b in it["bad"]],
             "num_texts": len(flat),
         }
-        if self.text_index is not None:
-            out["text_ids"] = torch.tensor([self.text_index[t] for t in flat]).view(batch_size, num_slots)
+        if self.text_cache is not None:
+            out["text_trunk_features"] = self.text_cache.lookup(flat).view(batch_size, num_slots, -1)
             out["truncated"] = 0
         else:
             tokens = self.tokenizer(flat)
@@ -415,6 +357,3 @@ def check_bad_fraction(bad: int, seen: int, max_fraction: float, examples: Seque
             f"{100 * max_fraction:.1f}%); first ones:\n  {listing}"
         )
 
-
-def unique_texts(manifest: LoadedManifest) -> list[str]:
-    return sorted({t for texts in manifest.texts for t in texts})
