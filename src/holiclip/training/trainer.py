@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.loader import (
-    Collate, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, tensor_transform, unique_texts,
+    Collate, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, tensor_transform,
 )
 from ..io import jsonl_rows
 from ..loss import M2MLoss
@@ -24,7 +24,7 @@ from .config import TrainConfig, save_config
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from .logger import MetricLogger
 from .schedule import create_optimizer, warmup_cosine
-from .text_cache import build_text_cache
+from .text_cache import TextCache
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +108,23 @@ class Trainer:
         )
         self.dataset = MultiTextDataset(self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size,
                                         seed=cfg.run.seed, max_pixels=cfg.data.max_image_pixels)
-        self.text_features = None
-        text_index = None
+        # a frozen text trunk: its features come from an on-disk, memory-mapped cache, gathered per
+        # batch by the loader's workers (never all in memory); a trainable one: nothing is built
+        self.text_cache = None
         if cfg.data.text_cache == "auto" and self.model.text_trunk_frozen():
-            texts = unique_texts(self.manifest)
-            if self.dist.is_main:  # rank 0 fills the cache; the other ranks then read it
-                built = build_text_cache(self.model, self.tokenizer, texts, cfg.run.cache_dir, self.device,
-                                         progress=cfg.run.progress)
+            if self.dist.is_main:  # rank 0 fills the cache; the other ranks then open it
+                self.text_cache = TextCache.open(cfg.run.cache_dir, self.model, self.tokenizer)
+                filled = self.text_cache.ensure(self.dataset.iter_texts(), self.model, self.tokenizer, self.device,
+                                                progress=cfg.run.progress)
+                log.info("text cache %s: %d texts read, %d new features, %d in all", self.text_cache.path,
+                         filled["texts"], filled["new"], filled["rows"])
             barrier()
             if not self.dist.is_main:
-                built = build_text_cache(self.model, self.tokenizer, texts, cfg.run.cache_dir, self.device,
-                                         progress=False)
-            self.text_features, text_index = built
-            self.text_features = self.text_features.to(self.device)
+                self.text_cache = TextCache.open(cfg.run.cache_dir, self.model, self.tokenizer)
         self.sampler = ResumableBatchSampler(
             len(self.dataset), cfg.optim.batch_size, self.dist.rank, self.dist.world_size, cfg.run.seed
         )
-        self.collate = Collate(self.tokenizer, self.model.context_length, text_index)
+        self.collate = Collate(self.tokenizer, self.model.context_length, text_cache=self.text_cache)
         self.loss_fn = M2MLoss(
             local_loss=cfg.loss.local_loss, gather_with_grad=cfg.loss.gather_with_grad, rank=self.dist.rank,
             world_size=self.dist.world_size, diversity_margin=cfg.loss.diversity_margin,
@@ -176,7 +176,6 @@ class Trainer:
             loader = DataLoader(
                 self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
                 num_workers=self.cfg.data.workers, persistent_workers=False,
-                pin_memory=self.device.startswith("cuda"),  # page-locked: the copies to the GPU run asynchronously
             )
             for batch in loader:
                 self.batch_in_epoch += 1
@@ -202,11 +201,11 @@ class Trainer:
         """The model outputs the loss takes: per-sample features and the shared logit scale."""
         images = batch["images"].to(self.device, non_blocking=True)
         with self.autocast:
-            if self.text_features is not None:
-                ids = batch["text_ids"].to(self.device)
-                out = self.net(images=images, text_trunk_features=self.text_features[ids])
+            if "text_trunk_features" in batch:  # a frozen trunk's cached outputs (see Collate)
+                trunk = batch["text_trunk_features"].to(self.device, non_blocking=True)
+                out = self.net(images=images, text_trunk_features=trunk)
             else:
-                out = self.net(images=images, texts=batch["texts"].to(self.device, non_blocking=True))
+                out = self.net(images=images, texts=batch["texts"].to(self.device))
         return out
 
     def _loss(self, out: dict) -> dict:
@@ -246,12 +245,9 @@ class Trainer:
         progress = logger.progress(total=cfg.optim.steps, initial=self.step, disable=not cfg.run.progress)
         last = dict(logger.last_row or {})  # stands when nothing is left to train
         self.model.train()
-        t0, samples_since, waited = time.perf_counter(), 0, 0.0
+        t0, samples_since = time.perf_counter(), 0
         while self.step < end:
-            fetched = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(accum)]
-            waited += time.perf_counter() - fetched  # blocked on the loader (the step before synchronised)
-            terms = self._train_step(micro_batches)
+            terms = self._train_step([next(batches) for _ in range(accum)])
             self.step += 1
             samples_since += global_batch
             last = terms
@@ -261,15 +257,11 @@ class Trainer:
                     last = terms
                 dt = time.perf_counter() - t0
                 rate = samples_since / dt if dt > 0 else 0.0
-                data_wait = self._slowest_rank(waited / dt if dt > 0 else 0.0)
                 logger.log(self.step, {**terms, "lr": self.scheduler.get_last_lr()[0],
                                        "logit_scale": self.model.logit_scale.exp().item(), "samples_per_s": rate,
-                                       "samples_per_s_per_device": rate / self.dist.world_size,
-                                       "data_wait": data_wait,
                                        "epoch": self.epoch, **{f"data/{k}": v for k, v in self.counters.items()}})
-                t0, samples_since, waited = time.perf_counter(), 0, 0.0
-                progress.set_postfix(loss=f"{terms['loss']:.3f}", ips_per_device=f"{rate / self.dist.world_size:.0f}",
-                                     data_wait=f"{data_wait:.0%}")
+                t0, samples_since = time.perf_counter(), 0
+                progress.set_postfix(loss=f"{terms['loss']:.3f}", ips=f"{rate:.0f}")
             progress.update(1)
             if self.step % cfg.run.save_every == 0 or self.step == end:
                 self._save()
@@ -281,14 +273,6 @@ class Trainer:
         barrier()
         return {"step": self.step, "last": last, "counters": dict(self.counters), "out": str(self.out),
                 "trained_steps": self.step - start}
-
-    def _slowest_rank(self, value: float) -> float:
-        """The largest of the ranks' values: one rank waiting on its data holds up every rank's step."""
-        if not self.dist.enabled:
-            return value
-        t = torch.tensor([value], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return float(t.item())
 
     # -- one optimisation step -------------------------------------------------------------
     def _train_step(self, micro_batches: list[dict]) -> dict[str, float]:

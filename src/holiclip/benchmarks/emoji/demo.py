@@ -204,16 +204,17 @@ def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Pat
 
 def warm_text_cache(model_name: str, data: Path, cache_dir: Path) -> None:
     """Caches the frozen text trunk's features of every training text once, before workers start."""
-    from holiclip.data.loader import load_manifest, unique_texts
+    from holiclip.data.loader import MultiTextDataset, load_manifest
     from holiclip.models.registry import create_model, get_tokenizer
-    from holiclip.training.text_cache import build_text_cache
+    from holiclip.training.text_cache import TextCache
 
     model = create_model(model_name, branches=["global"], lock_text=True)
     if not model.text_trunk_frozen():
         return
-    texts = unique_texts(load_manifest(data / "train.jsonl", SLOTS))
-    log.info("text features: %d unique training texts", len(texts))
-    build_text_cache(model, get_tokenizer(model_name), texts, cache_dir, "cpu")
+    tokenizer = get_tokenizer(model_name)
+    texts = MultiTextDataset(load_manifest(data / "train.jsonl", SLOTS), transform=None).iter_texts()
+    filled = TextCache.open(cache_dir, model, tokenizer).ensure(texts, model, tokenizer, "cpu")
+    log.info("text features: %d training texts, %d new in the cache", filled["texts"], filled["new"])
 
 
 def aggregate(per_seed: list[dict]) -> dict:
