@@ -1,10 +1,13 @@
-"""Optimiser parameter groups."""
+"""Optimiser parameter groups and the fused AdamW choice."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import open_clip
+import torch
 
 from holiclip.models.registry import _build_clip, create_model, get_model_config
-from holiclip.training.schedule import param_groups
+from holiclip.training.schedule import create_optimizer, fused_available, param_groups
 
 
 def test_weight_decay_groups_follow_open_clip():
@@ -25,3 +28,13 @@ def test_weight_decay_groups_follow_open_clip():
     got = decayed(mlp, param_groups(mlp, 0.2))
     assert not any(n.endswith(("class_embedding", ".bias")) for n in got)  # 2-D class tokens and branch biases
     assert any(n.endswith("mlp.c_proj.weight") for n in got)
+
+
+def test_fused_adamw_only_when_every_parameter_is_on_cuda():
+    model = create_model("holi-tiny", branches=["global"])
+    optimizer = create_optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    assert not optimizer.defaults["fused"]  # CPU: the default implementation, checkpoints as before
+    on = [SimpleNamespace(device=torch.device("cuda", i)) for i in (0, 0)]
+    assert fused_available(on)
+    assert not fused_available([*on, SimpleNamespace(device=torch.device("cpu"))])
+    assert not fused_available([])
