@@ -230,3 +230,17 @@ def test_explicit_checkpoint_with_other_settings_warns_and_trains(base, tmp_path
     result = train(cfg(base, tmp_path / "finetune", "optim.lr=2e-3"), resume=str(start))
     assert result["step"] == 6
     assert "optim.lr: 0.001 -> 0.002" in capsys.readouterr().err
+
+
+def test_saved_config_lacking_a_newer_key_compares_as_its_default(base):
+    from holiclip.benchmarks.emoji.demo import _same_run
+    from holiclip.training.checkpoint import check_resume_config, config_changes
+
+    current = cfg(base, base / "part").to_dict()
+    saved = json.loads(json.dumps(current))  # written before data.max_image_pixels and run.seed existed
+    del saved["data"]["max_image_pixels"], saved["run"]["seed"]
+    assert config_changes(saved, current) == []
+    check_resume_config(base / "part" / "checkpoints" / "step_00000003.pt", saved, current, "latest")
+    assert _same_run(saved, current)
+    saved["run"]["seed"] = 1  # a key the saved config has still counts
+    assert config_changes(saved, current) == ["run.seed: 1 -> 0"] and not _same_run(saved, current)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..io import atomic_path
+from .config import with_defaults
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # what a training run writes into run.out (``--overwrite`` deletes exactly these)
@@ -193,6 +194,7 @@ def config_changes(saved: dict | None, current: dict) -> list[str]:
     """``key: old -> new`` for each training setting that differs from the checkpoint's."""
     if not saved:  # a checkpoint written before configs were stored in it
         return []
+    saved = with_defaults(saved)  # a key added since the checkpoint was written compares as its default
     changes = []
     for section in sorted(set(saved) | set(current)):
         old, new = saved.get(section) or {}, current.get(section) or {}

@@ -328,6 +328,16 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     check(r.max_steps_this_run is None or r.max_steps_this_run >= 1, "run.max_steps_this_run", ">= 1 (or null)")
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved config dict with the keys it lacks (settings added since it was written) at their
+    defaults, so that an older run compares equal to the same run configured today."""
+    defaults = TrainConfig().to_dict()
+    out = {section: dict(values) for section, values in defaults.items()}
+    for section, values in saved.items():
+        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """The resolved config; ``load_config`` reads it back unchanged."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

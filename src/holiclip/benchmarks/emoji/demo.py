@@ -29,7 +29,7 @@ import yaml
 from holiclip.evaluation.report import write_json
 from holiclip.models.registry import load_model
 from holiclip.training.checkpoint import RunFolderError
-from holiclip.training.config import TrainConfig, load_config
+from holiclip.training.config import TrainConfig, load_config, with_defaults
 from holiclip.training.trainer import read_metrics, train
 
 from .data import build as emoji
@@ -140,7 +140,8 @@ def _same_run(saved: dict | None, wanted: dict) -> bool:
     def strip(c):
         return {**c, "run": {k: v for k, v in c["run"].items() if k != "out"}}
 
-    return saved is not None and strip(saved) == strip(wanted)
+    # a key added since the saved run was trained compares as its default
+    return saved is not None and strip(with_defaults(saved)) == strip(wanted)
 
 
 def _variant_job(args: tuple) -> tuple[str, int, dict]:
