@@ -1,4 +1,4 @@
-"""`holiclip data`: build and inspect datasets (the built-in emoji benchmark)."""
+"""`holiclip data`: build and inspect datasets (the built-in emoji benchmark); convert manifests into shards."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from rich.table import Table
 from ._options import comma_list
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Build and inspect datasets (built-in emoji benchmark).")
+                  help="Build and inspect datasets (built-in emoji benchmark), convert manifests to shards.")
 console = Console()
 
 
@@ -105,3 +105,34 @@ def sources(
     for name, d in src.art_dirs.items():
         table.add_row(name, src.versions.get(name, "-"), str(d))
     console.print(table)
+
+
+@app.command()
+def shard(
+    manifest: Path = typer.Argument(..., help="JSONL or CSV manifest (image paths relative to its folder)."),
+    out: Path = typer.Option(..., "--out", help="Folder for shard-000000.tar ... and sizes.json."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Samples per shard."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes writing shards in parallel."),
+    slots: Optional[str] = typer.Option(None, "--slots", help="Caption slots to keep, in order (default: every caption of each row)."),
+    missing: str = typer.Option("error", "--missing", help="With --slots, a row missing one: error | drop | fill:<slot>."),
+    list_slots: Optional[str] = typer.Option(None, "--list-slots", help="Slot names for a research-format 'caption' list (as data.list_slots)."),
+    on_bad_row: str = typer.Option("error", "--on-bad-row", help="A malformed row: error (stop, naming file:line) | skip (count it)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Convert a JSONL / CSV manifest and its images into webdataset shards (jpg|png|webp + json
+    with named captions) and sizes.json. Resumable: re-run the same command after an interruption."""
+    from holiclip.data.records import DataError, parse_policy
+    from holiclip.data.sharding import shard_manifest
+
+    try:
+        parse_policy(missing)
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"--on-bad-row must be error or skip, got {on_bad_row!r}")
+        rep = shard_manifest(manifest, out, shard_size=shard_size, workers=workers, slots=comma_list(slots),
+                             missing_slot_policy=missing, list_slots=comma_list(list_slots),
+                             on_bad_row=on_bad_row, progress=progress)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    for line in rep.lines():
+        typer.echo(line)
