@@ -1,4 +1,4 @@
-"""merge: slot naming, missing-slot reporting and policies, research-format input."""
+"""merge: slot naming, missing-slot reporting and policies, research-format input, output as shards."""
 import json
 from pathlib import Path
 
@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 from holiclip.captioning.merge import MergeError, assign_slot_names, merge_captions
 from holiclip.cli.caption import app
 from holiclip.data.readers import read_jsonl as trainer_read_jsonl
+from holiclip.data.readers import read_webdataset as trainer_read_webdataset
 
-from tests.helpers.captioning import read_jsonl
+from tests.helpers.captioning import make_images, read_jsonl
 
 QWEN, LLAVA = "Qwen/Qwen2-VL-7B-Instruct", "llava-hf/llava-1.5-7b-hf"
 
@@ -122,3 +123,62 @@ def test_merge_cli(data):
     assert len(read_jsonl(tmp / "t.jsonl")) == 2
     res = CliRunner().invoke(app, ["merge", str(tmp / "qwen"), "--out", str(tmp / "t2.jsonl")])
     assert res.exit_code == 2 and "has no usable caption for slot 'background'" in res.output
+
+
+# -- merged rows written as shards -----------------------------------------------------------------
+@pytest.fixture
+def mixed(tmp_path: Path):
+    """Captions for two image files and two images inside a webdataset shard (keys as `caption run` gives them)."""
+    import webdataset as wds
+
+    from holiclip.captioning.sources import ImageSource
+
+    files = make_images(tmp_path / "imgs", 2, ext="jpg")
+    src = tmp_path / "src" / "part-000.tar"
+    src.parent.mkdir()
+    with wds.TarWriter(str(src)) as sink:
+        for i, p in enumerate(make_images(tmp_path / "tmp", 2, size=14)):
+            sink.write({"__key__": f"sub/s{i}", "png": p.read_bytes(), "txt": "x"})
+    items = list(ImageSource(str(src)))
+    keys = [str(p) for p in files] + [it.key for it in items]
+    images = [p.read_bytes() for p in files] + [it.data for it in items]
+    _write_rows(tmp_path / "qwen", [(k, persp, QWEN, f"{persp} {n}") for n, k in enumerate(keys)
+                                    for persp in ("detail", "main")])
+    return tmp_path, keys, images
+
+
+def test_merge_into_shards_reads_back_with_images_from_files_and_shards(mixed):
+    tmp, keys, images = mixed
+    rep = merge_captions([tmp / "qwen"], shards=tmp / "shards", shard_size=3)
+    assert (rep.images, rep.written, rep.shards.shards, rep.shards.missing_images) == (4, 4, 2, 0)
+    assert json.loads((tmp / "shards" / "sizes.json").read_text()) == {"shard-000000.tar": 3, "shard-000001.tar": 1}
+    got = list(trainer_read_webdataset(str(tmp / "shards" / "shard-{000000..000001}.tar")))
+    order = sorted(range(4), key=lambda n: keys[n])  # merge writes rows sorted by image key
+    assert [g.image for g in got] == [images[n] for n in order]
+    assert [g.captions for g in got] == [{"detail": f"detail {n}", "main": f"main {n}"} for n in order]
+    # a re-run with the same captions keeps every shard
+    again = merge_captions([tmp / "qwen"], shards=tmp / "shards", shard_size=3)
+    assert (again.shards.kept, again.shards.written) == (2, 0)
+
+
+def test_merge_to_jsonl_refuses_images_inside_shards(mixed):
+    tmp, keys, _ = mixed
+    with pytest.raises(MergeError, match=r"captions\.jsonl:\d+: image '.*part-000\.tar::sub/s0' is inside a webdataset "
+                                         r"shard, like 2 of the 4 images.*--shards DIR"):
+        merge_captions([tmp / "qwen"], tmp / "t.jsonl")
+    assert not (tmp / "t.jsonl").exists()
+    with pytest.raises(MergeError, match="give one output"):
+        merge_captions([tmp / "qwen"], tmp / "t.jsonl", shards=tmp / "s")
+
+
+def test_merge_cli_writes_shards(mixed):
+    tmp, _, _ = mixed
+    res = CliRunner().invoke(app, ["merge", str(tmp / "qwen"), "--shards", str(tmp / "s"), "--shard-size", "2",
+                                   "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert "written: 4" in res.output and "4 samples in 2 shards" in res.output
+    assert len(list(trainer_read_webdataset(str(tmp / "s" / "shard-{000000..000001}.tar")))) == 4
+    res = CliRunner().invoke(app, ["merge", str(tmp / "qwen"), "--out", str(tmp / "t.jsonl")])
+    assert res.exit_code == 2 and "replace --out FILE with --shards DIR" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["merge", str(tmp / "qwen")])
+    assert res.exit_code == 2 and "give one output: --out train.jsonl or --shards DIR" in res.output

@@ -1,8 +1,12 @@
-"""``holiclip caption merge``: caption folders (+ web captions) -> the training JSONL.
+"""``holiclip caption merge``: caption folders (+ web captions) -> the training JSONL or shards.
 
 Output rows follow the project's training format::
 
     {"image": "relative/to/the/output/folder.jpg", "captions": {"web": ..., "detail": ...}}
+
+written as a JSONL file (``out``) or as webdataset shards (``shards``: the image's bytes + that
+row as the json member, see :mod:`holiclip.data.sharding`). Images captioned from webdataset
+shards (keys ``shard.tar::key``) can only go into shards: a JSONL names image files.
 
 Slot names: a perspective captioned by one model is named after the perspective
 (``detail``); a perspective captioned by several models gets one slot per model,
@@ -29,11 +33,12 @@ from typing import Iterable, Mapping, Sequence
 
 from holiclip.data.readers import read_jsonl
 from holiclip.data.records import DataError, apply_missing_slot_policy, parse_policy
+from holiclip.data.sharding import ShardReport, ShardRow, write_shards
 from holiclip.io import atomic_path
 
 from .perspectives import PAPER_PERSPECTIVES
 from .quality import MISSING_FLAGS, caption_flags
-from .sources import WDS_SEP, file_key
+from .sources import WDS_EXTS, WDS_SEP, file_key
 from .store import ReadProblems, caption_files, read_rows
 
 
@@ -169,6 +174,7 @@ class MergeReport:
     truncated: Counter = field(default_factory=Counter)
     duplicates_ignored: int = 0
     problems: list[str] = field(default_factory=list)
+    shards: ShardReport | None = None  # when written as shards
 
 
 def named_captions(table: CaptionTable, names: Mapping[tuple[str, str | None], str]) -> dict[str, dict[str, Caption]]:
@@ -177,8 +183,12 @@ def named_captions(table: CaptionTable, names: Mapping[tuple[str, str | None], s
 
 def merge_captions(
     caption_dirs: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
+    out: str | os.PathLike | None = None,
     *,
+    shards: str | os.PathLike | None = None,
+    shard_size: int = 1000,
+    workers: int = 1,
+    progress: bool = False,
     web_captions: str | os.PathLike | None = None,
     list_slots: Sequence[str] | None = ("web",),
     slots: Sequence[str] | None = None,
@@ -188,7 +198,10 @@ def merge_captions(
     keep_flagged: bool = False,
     max_examples: int = 10,
 ) -> MergeReport:
-    """Builds the training JSONL at ``out`` (written atomically) and returns a report."""
+    """Builds the training JSONL at ``out`` (written atomically), or shards in the folder
+    ``shards`` (``shard_size`` samples each, ``workers`` processes, resumable), and returns a report."""
+    if (out is None) == (shards is None):
+        raise MergeError("give one output: a training JSONL (out) or a shard folder (shards)")
     parse_policy(missing)  # fail on a bad policy before reading millions of rows
     table = CaptionTable()
     if web_captions is not None:
@@ -196,12 +209,17 @@ def merge_captions(
     read_inputs(caption_dirs, list_slots, table)
     names = assign_slot_names({k for caps in table.by_image.values() for k in caps}, aliases, model_suffix)
     slots = choose_slots(default_slot_order(names.values()), slots, missing)
-    rep = MergeReport(out=str(out), slots=slots, duplicates_ignored=table.duplicates_ignored,
-                      problems=table.problems.items)
+    rep = MergeReport(out=str(out if shards is None else shards), slots=slots,
+                      duplicates_ignored=table.duplicates_ignored, problems=table.problems.items)
     rows = usable_texts(table, named_captions(table, names), rep, keep_flagged, max_examples)
+    if shards is None:
+        _refuse_shard_images(rows, table.origin)
     if missing == "error":
         _refuse_missing(rows, rep, table.origin)
-    _write_rows(Path(out), rows, missing, table.origin, rep)
+    if shards is None:
+        _write_rows(Path(out), rows, missing, table.origin, rep)
+    else:
+        _write_shards(Path(shards), rows, missing, table.origin, rep, shard_size, workers, progress)
     return rep
 
 
@@ -265,6 +283,47 @@ def _refuse_missing(rows: list[Row], rep: MergeReport, origin: Mapping[str, str]
         f"{n_bad} of {len(rows)} images miss a slot ({summary}). "
         "Use --missing drop or --missing fill:<slot>, or caption the missing ones (re-run)."
     )
+
+
+def _refuse_shard_images(rows: list[Row], origin: Mapping[str, str]) -> None:
+    """A JSONL names image files; an image read from inside a shard has none (the trainer could not open it)."""
+    inside = [image for image, _, _ in rows if WDS_SEP in image]
+    if inside:
+        raise MergeError(
+            f"{origin[inside[0]]}: image {inside[0]!r} is inside a webdataset shard, like {len(inside)} of the "
+            f"{len(rows)} images; a training JSONL can only name image files. Write shards instead: "
+            "replace --out FILE with --shards DIR"
+        )
+
+
+def shard_image(image: str) -> str | tuple[str, str]:
+    """An image key as the shard writer takes it: a file path, or (shard path, sample key) for ``shard.tar::key``."""
+    start = 0
+    while (cut := image.find(WDS_SEP, start)) >= 0:
+        if image[:cut].endswith(WDS_EXTS):
+            return image[:cut], image[cut + len(WDS_SEP):]
+        start = cut + 1
+    return image
+
+
+def _write_shards(out: Path, rows: list[Row], missing: str, origin: Mapping[str, str], rep: MergeReport,
+                  shard_size: int, workers: int, progress: bool) -> None:
+    """Applies the missing-slot policy and writes the rows as shards (image bytes + the JSONL row as json)."""
+    out_dir = os.path.abspath(out)
+
+    def shard_rows():
+        for image, texts, lacking in rows:
+            got = apply_missing_slot_policy(texts, rep.slots, missing, origin[image])
+            if got is None:
+                rep.dropped += 1
+                continue
+            rep.filled += bool(lacking)
+            shown = image if WDS_SEP in image else os.path.relpath(image, out_dir)
+            yield ShardRow(shard_image(image), {"image": shown, "captions": dict(zip(rep.slots, got))}, origin[image])
+
+    rep.shards = write_shards(shard_rows(), out, shard_size=shard_size, workers=workers, total=len(rows),
+                              progress=progress, desc="caption merge")
+    rep.written = rep.shards.samples
 
 
 def _write_rows(out: Path, rows: list[Row], missing: str, origin: Mapping[str, str], rep: MergeReport) -> None:

@@ -1,7 +1,7 @@
 """``holiclip caption``: multi-perspective captioning (``run``), ``merge`` and ``stats``.
 
     holiclip caption run --images SRC --backend NAME --model NAME --out DIR ...
-    holiclip caption merge DIR [DIR...] --out train.jsonl [--web-captions FILE] ...
+    holiclip caption merge DIR [DIR...] --out train.jsonl | --shards DIR [--web-captions FILE] ...
     holiclip caption stats DIR|JSONL [...]
 
 Also runnable as ``python -m holiclip.cli.caption`` (and so under ``torchrun``).
@@ -153,7 +153,10 @@ def _aliases(items: list[str] | None) -> dict[str, str]:
 @app.command("merge")
 def merge_cmd(
     dirs: List[Path] = typer.Argument(..., help="Caption folders (or training JSONL files) to merge."),
-    out: Path = typer.Option(..., "--out", help="Training JSONL to write."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Training JSONL to write (images must be files)."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="Instead of --out: write webdataset shards (images + captions) and sizes.json into this folder; resumable."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="With --shards: samples per shard."),
+    workers: int = typer.Option(1, "--workers", min=1, help="With --shards: processes writing shards."),
     web_captions: Optional[Path] = typer.Option(None, "--web-captions", help="JSONL of web captions: our format, or the research format ('caption': str or list)."),
     research_slots: str = typer.Option("web", "--research-slots", help="Slot names for the positions of a research-format 'caption' list."),
     slots: Optional[str] = typer.Option(None, "--slots", help="Slots to keep, in order (default: all found)."),
@@ -162,12 +165,15 @@ def merge_cmd(
     model_suffix: str = typer.Option("auto", "--model-suffix", help="auto: '@model' only where a perspective has several models; always."),
     keep_flagged: bool = typer.Option(False, "--keep-flagged", help="Keep empty/refused captions instead of treating them as missing."),
 ) -> None:
-    """Build the training JSONL (named caption slots) from caption folders."""
+    """Build the training JSONL or shards (named caption slots) from caption folders."""
     from holiclip.captioning.merge import merge_captions
     from holiclip.data.records import DataError
 
+    if (out is None) == (shards is None):
+        raise _err("give one output: --out train.jsonl or --shards DIR")
     try:
-        rep = merge_captions(dirs, out, web_captions=web_captions, list_slots=comma_list(research_slots),
+        rep = merge_captions(dirs, out, shards=shards, shard_size=shard_size, workers=workers, progress=shards is not None,
+                             web_captions=web_captions, list_slots=comma_list(research_slots),
                              slots=comma_list(slots), missing=missing, aliases=_aliases(alias),
                              model_suffix=model_suffix, keep_flagged=keep_flagged)
     except (DataError, ValueError, FileNotFoundError) as err:
@@ -186,6 +192,9 @@ def merge_cmd(
         typer.echo(f"duplicate rows ignored: {rep.duplicates_ignored}")
     for p in rep.problems[:10]:
         typer.echo(f"warning: {p}", err=True)
+    if rep.shards is not None:
+        for line in rep.shards.lines():
+            typer.echo(line)
 
 
 @app.command("stats")
