@@ -110,8 +110,12 @@ class TextTable:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"row {i} out of range for {n} rows")
-        m = self.num_slots
-        return [self.flat[i * m + j] for j in range(m)]
+        m, lo = self.num_slots, i * self.num_slots
+        # the row's M + 1 bounds and bytes in one read each, then cut in Python
+        ends = self.flat.ends[lo - 1: lo + m].tolist() if lo else [0, *self.flat.ends[:m].tolist()]
+        start = ends[0]
+        raw = self.flat.data[start:ends[-1]].tobytes()
+        return [raw[a - start:b - start].decode("utf-8", _ERRORS) for a, b in zip(ends, ends[1:])]
 
     def __iter__(self) -> Iterator[list[str]]:
         for i in range(len(self)):
