@@ -195,5 +195,10 @@ def test_column_helpers_round_trip_and_check_rows(tmp_path):
     assert len(empty) == 0 and list(empty) == []
     with pytest.raises(ValueError, match="every row needs 2 texts, got 1"):
         LoadedManifest.from_lists(["a", "b"], [["x", "y"], ["z"]], ["f:1", "f:2"])
-    m = LoadedManifest.from_lists(["a.png"], [["x", "y"]], ["f:1"], path="f")
+    m = LoadedManifest.from_lists(["a.png", "d/b.png"], [["x", "y"], ["z", "\ud800"]], ["f:1", "f:2"], path="f")
     assert m.texts[0] == ["x", "y"] and m.where[0] == "f:1"
+    import pickle  # spawned DataLoader workers get the dataset pickled
+
+    again = pickle.loads(pickle.dumps(m))
+    assert (list(again.images), list(again.texts), list(again.where), again.path) == (
+        ["a.png", "d/b.png"], [["x", "y"], ["z", "\ud800"]], ["f:1", "f:2"], "f")
