@@ -149,7 +149,7 @@ def _dirty_after_reading_in_a_forked_worker(manifest) -> tuple[int, int]:
 
 
 def test_a_forked_worker_reading_every_row_does_not_copy_the_manifest(tmp_path):
-    n = 40_000
+    n = 25_000
     rows = [{"image": f"images/{i // 1000:05d}/{i:09d}.jpg",
              "captions": {s: f"{s} caption number {i} with some more words to be about sixty chars"
                           for s in ("web", "detail", "main")}} for i in range(n)]
@@ -162,7 +162,7 @@ def test_a_forked_worker_reading_every_row_does_not_copy_the_manifest(tmp_path):
     # the same rows as Python lists: the worker's reads touch every object's reference count, and
     # the kernel copies each page it writes (this is what the measurement detects)
     lists_kb, _ = _dirty_after_reading_in_a_forked_worker(LoadedManifest(images, texts, where))
-    assert lists_kb > 4 * 1024  # > 4 MB copied for 40k rows of lists
+    assert lists_kb > 4 * 1024  # > 4 MB copied for 25k rows of lists
     assert dirty_kb < 1024 and dirty_kb * 8 < lists_kb, (dirty_kb, lists_kb)
 
 
