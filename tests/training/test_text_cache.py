@@ -57,7 +57,8 @@ def want(texts, trunk=None):
 
 
 def minilm():
-    return create_model("holi-small-minilm", branches=["global"], lock_text=True).eval(), get_tokenizer("holi-small-minilm")
+    model = create_model("holi-small-minilm", branches=["global"], lock_text=True).eval()
+    return model, get_tokenizer("holi-small-minilm")
 
 
 # -- the cache ---------------------------------------------------------------------------------------
@@ -203,6 +204,15 @@ def test_collate_gathers_trunk_features_in_loader_workers(tmp_path):
     torch.testing.assert_close(torch.cat([b["text_trunk_features"] for b in batches]).view(36, 8), want(texts))
 
 
+def test_damaged_segment_is_an_error_naming_the_file(tmp_path):
+    cache = TextCache(tmp_path / "c")
+    cache.ensure(["a dog", "a cat"], StandInTrunk(), CharTokenizer(), progress=False)
+    features = tmp_path / "c" / "seg-000000.features.npy"
+    features.write_bytes(features.read_bytes()[:-10])  # a torn copy of the cache
+    with pytest.raises(OSError, match=r"text cache file .*seg-000000\.features\.npy is unreadable \(shorter"):
+        TextCache(tmp_path / "c")
+
+
 # -- the trainer -------------------------------------------------------------------------------------
 MINILM = ("model.name=holi-small-minilm", "model.lock_text=true", "optim.batch_size=4")
 
@@ -236,3 +246,4 @@ def test_no_text_cache_when_it_cannot_help(tmp_path, extra):
     t._build()
     assert t.text_cache is None and t.collate.text_cache is None
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("text_trunk_*"))
+

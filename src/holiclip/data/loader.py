@@ -274,7 +274,7 @@ def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
 class Collate:
     """Stacks images; tokenises texts to (B, M, L) and counts truncation, or, with a
     ``text_cache`` (:class:`holiclip.training.text_cache.TextCache`), gathers their frozen trunk
-    features (B, M, W) from its memory maps (in the DataLoader worker, off the training loop)."""
+    features (B, M, W) from its files (in the DataLoader worker, off the training loop)."""
 
     def __init__(self, tokenizer=None, context_length: int = 77, text_cache=None):
         self.tokenizer = tokenizer

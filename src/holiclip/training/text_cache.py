@@ -1,4 +1,4 @@
-"""Cache of a frozen text trunk's outputs, one row per unique text, on disk and memory-mapped.
+"""Cache of a frozen text trunk's outputs, one row per unique text, on disk.
 
 With a locked pretrained text tower only the projection trains, so each caption's trunk
 output is computed once. The cache belongs to the text trunk: its folder is named by a digest
@@ -12,13 +12,16 @@ Layout of ``<cache_dir>/text_trunk_<key>/`` (millions of texts, flat memory)::
     seg-000000.features.npy   (n, W) float32 trunk features, in the order they were computed
     seg-000000.keys.npy       (3, n) uint64: 128-bit text hashes (blake2b of the UTF-8 text) as
                               high and low halves, sorted by the high half, and the feature row
-    seg-000001...             later appends
+    seg-000001...             later appends (at most SEGMENT_ROWS rows each)
     lock                      fcntl lock taken to name and publish a segment
 
 Texts are never stored: a lookup hashes the text and binary-searches each segment's sorted
-keys (``np.searchsorted`` on the memory map), so neither the texts nor the features are held in
-memory. Segments are immutable; a writer fills a temporary file, then under the lock takes the
-next number and renames the features, then the keys, into place: readers list segments by their
+keys (``np.searchsorted`` on a memory map of the keys), then reads just the rows it needs from
+the features files, so neither the texts nor the features are held in memory. Plain ``.npy``
+files, no pickle: ``np.load(path, mmap_mode="r")`` opens any of them.
+
+Segments are immutable; a writer fills a temporary file, then under the lock takes the next
+number and renames the features, then the keys, into place: readers list segments by their
 keys file, so they see only complete ones. Numbers are contiguous (a writer that died before its
 keys file leaves a number the next writer takes again), so a reader's segments are a prefix of
 a later reader's, rows never move, and the first segment holding a text always serves it.
@@ -32,6 +35,7 @@ import fcntl
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 import uuid
@@ -49,7 +53,8 @@ from ..io import atomic_path
 SEGMENT = re.compile(r"seg-(\d{6,})\.keys\.npy")
 CHUNK = 65_536  # texts hashed and deduplicated at a time while filling
 COMPUTE = 8_192  # missing texts tokenised and sorted by length at a time
-SEGMENT_ROWS = 1 << 20  # rows per segment written by one fill (1.5 GB at W = 384)
+SEGMENT_ROWS = 1 << 18  # rows per segment (384 MB at W = 384): bounds the keys a fill holds, 24 bytes a row
+RELEASE = getattr(mmap, "MADV_DONTNEED", None)  # on a shared read-only map: drops pages from RSS only
 
 
 class TextCacheMiss(LookupError):
@@ -122,36 +127,70 @@ def _npy_header(rows: int, width: int) -> bytes:
     return buf.getvalue()
 
 
+def _npy_layout(fh, dtype: str, ndim: int) -> tuple[tuple[int, ...], int]:
+    """Shape and data offset of an open .npy file holding a C-ordered ``dtype`` array of ``ndim`` dimensions."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, found = read(fh)
+    if found != np.dtype(dtype) or fortran or len(shape) != ndim:
+        raise ValueError(f"{found}{' (Fortran order)' if fortran else ''} array of shape {shape}, "
+                         f"expected {ndim} dimensions of {np.dtype(dtype)}")
+    return shape, fh.tell()
+
+
 class _Segment:
-    """One published segment, memory-mapped read-only."""
+    """One published segment: its keys memory-mapped read-only (binary search touches a few
+    pages per text), its features read row by row with positioned reads.
+
+    Why not a memory map for the features too: the kernel maps whole page-cache folios on a
+    fault, so gathering 1,280 random rows from a 1.5 GB map put about 950 MB into the process's
+    RSS; ``os.pread`` of the rows asked for keeps the process at the batch's size.
+    """
 
     def __init__(self, folder: Path, number: int):
         self.number = number
         self.keys_path = folder / f"seg-{number:06d}.keys.npy"
         self.features_path = folder / f"seg-{number:06d}.features.npy"
+        path = self.keys_path
         try:
-            keys = np.load(self.keys_path, mmap_mode="r", allow_pickle=False)
-            self.features = np.load(self.features_path, mmap_mode="r", allow_pickle=False)
+            with open(path, "rb") as fh:
+                shape, offset = _npy_layout(fh, "<u8", 2)
+                if os.fstat(fh.fileno()).st_size < offset + 8 * int(np.prod(shape)):
+                    raise ValueError("shorter than its header says")
+                self._keys_map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            keys = np.ndarray(shape, dtype="<u8", buffer=self._keys_map, offset=offset)
+            path = self.features_path
+            self._features_file = open(path, "rb", buffering=0)
+            (self.rows, self.width), self._data = _npy_layout(self._features_file, "<f4", 2)
+            if os.fstat(self._features_file.fileno()).st_size < self._data + 4 * self.rows * self.width:
+                raise ValueError("shorter than its header says")
         except (OSError, ValueError) as err:
-            raise OSError(f"text cache segment {self.keys_path} is unreadable ({err}); "
+            raise OSError(f"text cache file {path} is unreadable ({err}); "
                           f"delete the folder {folder} to rebuild the cache") from None
-        if keys.ndim != 2 or keys.shape[0] != 3 or self.features.ndim != 2 or keys.shape[1] != self.features.shape[0]:
+        if keys.shape[0] != 3 or keys.shape[1] != self.rows:
             raise OSError(f"text cache segment {self.keys_path}: keys {keys.shape} do not fit features "
-                          f"{self.features.shape}; delete the folder {folder} to rebuild the cache")
+                          f"{(self.rows, self.width)}; delete the folder {folder} to rebuild the cache")
         self.hi, self.lo, self.row = keys[0], keys[1], keys[2]
-        self.rows = self.features.shape[0]
 
     def find(self, qhi: np.ndarray, qlo: np.ndarray) -> np.ndarray:
         pos = _find(self.hi, self.lo, qhi, qlo)
         hit = pos >= 0
-        pos[hit] = np.asarray(self.row[pos[hit]], dtype=np.int64)
+        pos[hit] = self.row[pos[hit]].astype(np.int64)
+        if RELEASE:  # unmaps the pages just searched (they stay in the page cache): RSS stays flat
+            self._keys_map.madvise(RELEASE)
         return pos
+
+    def read(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Features of local ``rows`` into ``out`` (len(rows), W), in ascending file order."""
+        size, fd = 4 * self.width, self._features_file.fileno()
+        for i, r in enumerate(rows.tolist()):
+            out[i] = np.frombuffer(os.pread(fd, size, self._data + r * size), dtype="<f4")
 
 
 class _Pending:
     """The segment a fill is writing: features appended to a temporary .npy, keys in memory
-    (16 bytes a row), sorted by the high half as they come so that later texts of the same
-    fill are found."""
+    (24 bytes a row, at most SEGMENT_ROWS rows), sorted by the high half as they come so that
+    later texts of the same fill are found."""
 
     def __init__(self, folder: Path, width: int):
         self.folder, self.width = folder, width
@@ -205,9 +244,10 @@ class _Pending:
 class TextCache:
     """The trunk features of a frozen text tower, looked up by text.
 
-    ``rows(texts)`` -> global row numbers, ``features(rows)`` -> (…, W) float32 tensor gathered
-    from the memory maps, ``lookup(texts)`` both. Pickles as its folder and segment list; the
-    copy (e.g. in a DataLoader worker) maps the files again instead of copying arrays.
+    ``rows(texts)`` -> global row numbers, ``features(rows)`` -> (…, W) float32 tensor of just
+    those rows read from disk, ``lookup(texts)`` both. Pickles as its folder and segment count;
+    the copy (e.g. in a DataLoader worker) opens the files again instead of copying arrays, and
+    sees the same rows whatever was appended since.
     """
 
     def __init__(self, path: str | Path):
@@ -227,7 +267,7 @@ class TextCache:
 
     @property
     def width(self) -> int | None:
-        return self._segments[0].features.shape[1] if self._segments else None
+        return self._segments[0].width if self._segments else None
 
     def refresh(self, upto: int | None = None) -> None:
         """Maps the segments published since the last look (up to number ``upto``, exclusive)."""
@@ -243,8 +283,8 @@ class TextCache:
                 raise OSError(f"text cache {self.path}: segment {len(self._segments)} is missing "
                               f"(found {n}); delete the folder to rebuild the cache")
             seg = _Segment(self.path, n)
-            if self._segments and seg.features.shape[1] != self.width:
-                raise OSError(f"text cache {seg.features_path}: width {seg.features.shape[1]}, "
+            if self._segments and seg.width != self.width:
+                raise OSError(f"text cache {seg.features_path}: width {seg.width}, "
                               f"the other segments' is {self.width}")
             self._segments.append(seg)
         self._offsets = np.cumsum([0] + [s.rows for s in self._segments], dtype=np.int64)
@@ -276,7 +316,7 @@ class TextCache:
 
     def features(self, rows: np.ndarray | Sequence[int]) -> torch.Tensor:
         """Trunk features of global ``rows`` (any shape) as a float32 tensor of shape rows.shape + (W,).
-        Only the rows asked for are read from the memory maps."""
+        Only the rows asked for are read."""
         rows = np.asarray(rows, dtype=np.int64)
         flat = rows.reshape(-1)
         if len(flat) and (flat.min() < 0 or flat.max() >= len(self)):
@@ -287,8 +327,10 @@ class TextCache:
         for s in np.unique(which):
             at = np.flatnonzero(which == s)
             local = flat[at] - self._offsets[s]
-            order = np.argsort(local, kind="stable")  # ascending reads: neighbouring rows share pages
-            out[at[order]] = self._segments[s].features[local[order]]
+            order = np.argsort(local, kind="stable")  # ascending reads
+            got = np.empty((len(at), width), dtype=np.float32)
+            self._segments[s].read(local[order], got)
+            out[at[order]] = got
         return torch.from_numpy(out).view(*rows.shape, width)
 
     def lookup(self, texts: Sequence[str]) -> torch.Tensor:
