@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,11 +18,12 @@ from holiclip.data.loader import open_image
 from holiclip.data.records import DataError
 from holiclip.models.registry import get_transforms
 from holiclip.training import trainer as trainer_mod
-from holiclip.training.config import load_config
+from holiclip.training.config import load_config, save_config
 from holiclip.training.trainer import NonFiniteLoss, Trainer, read_metrics, train
 
 from tests.helpers.datasets import draw, make_dataset
 from tests.helpers.distributed import free_port
+from tests.helpers.shards import write_shards
 from tests.helpers.training import SLOTS, cfg_for, weights
 
 
@@ -206,3 +208,58 @@ def test_loss_runs_in_fp32_outside_autocast(tmp_path):
     losses = t._forward_loss(batch)
     assert seen == {"autocast": False, "dtypes": {torch.float32}}
     assert all(v.dtype == torch.float32 for v in losses.values())
+
+
+# -- streamed webdataset shards ----------------------------------------------------------------------
+KILLED_RUN = """
+import sys, time
+from holiclip.training import trainer
+from holiclip.training.config import load_config
+
+save = trainer.Trainer._save
+
+
+def save_then_stall(self):  # the kill lands mid-epoch, while the DataLoader workers stream ahead
+    save(self)
+    if self.step == 3:
+        print("saved step 3", flush=True)
+        time.sleep(300)
+
+
+trainer.Trainer._save = save_then_stall
+trainer.train(load_config(sys.argv[1]))
+"""
+
+
+def test_shards_killed_mid_epoch_then_resumed_train_bit_identical(tmp_path):
+    write_shards(tmp_path / "shards", [9, 14, 7, 10])  # 40 samples: 5 batches of 8 an epoch, step 3 mid-epoch 0
+    stream = ["data.workers=2", "data.shuffle_buffer=10", "optim.steps=6"]
+    full = train(cfg_for(tmp_path, tmp_path / "shards", tmp_path / "full", *stream))
+    part = cfg_for(tmp_path, tmp_path / "shards", tmp_path / "part", *stream)
+    save_config(part, tmp_path / "part.yaml")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "part.yaml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "saved step 3", proc.stderr.read()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)  # kill -9: no clean-up, no final checkpoint
+        proc.wait(30)
+    finally:
+        try:  # its DataLoader workers too (they would notice the lost parent and exit within seconds)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "part" / "model").exists()
+    resumed = train(part, resume="latest")
+    assert resumed["trained_steps"] == 3 and resumed["counters"] == full["counters"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shards_refuse_image_caching_and_manifests_refuse_stream_settings(tmp_path):
+    write_shards(tmp_path / "shards", [8])
+    with pytest.raises(DataError, match=r"data.cache_images .* streamed .* set data.cache_images=false"):
+        _trainer(tmp_path, tmp_path / "shards", "data.cache_images=true")
+    data = make_dataset(tmp_path, n=8)
+    with pytest.raises(DataError, match=r"data.resampled and data.train_num_samples apply to webdataset shards"):
+        _trainer(tmp_path, data, "data.train_num_samples=4")

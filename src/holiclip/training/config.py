@@ -37,7 +37,7 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    train: str = ""  # JSONL / CSV / webdataset shards
+    train: str = ""  # JSONL / CSV, or webdataset shards (a pattern, folder, "::" or YAML list, URL): streamed
     slots: list[str] = field(default_factory=lambda: ["web"])  # text slots, in branch order
     list_slots: list[str] | None = None  # names for the research format's caption list
     missing_slot_policy: str = "error"  # error | drop | fill:<slot>
@@ -48,6 +48,10 @@ class DataCfg:
     text_cache: str = "auto"  # auto | off: cache a frozen text trunk's outputs per unique text
     augment: bool = True  # open_clip's training transform (RandomResizedCrop, scale 0.9-1.0), as the research code
     max_image_pixels: int = 89_478_485  # larger images are skipped and counted (PIL's own bomb limit)
+    # streamed webdataset shards (data.train a .tar pattern, folder of .tar files, list or URL)
+    shuffle_buffer: int = 5000  # samples each stream shuffles through (seeded per epoch, rank, worker)
+    train_num_samples: int | None = None  # samples per epoch, as open_clip's --train-num-samples (null: all)
+    resampled: bool = False  # draw shards with replacement from a seeded generator (epoch: train_num_samples)
 
 
 @dataclass
@@ -159,6 +163,8 @@ def _normalise(dotted: str, hint: Any, value: Any, raw: str | None, where: str) 
     origin = typing.get_origin(base)
     if value is None:
         return None
+    if dotted == "data.train" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return "::".join(value)  # a list of shards or shard patterns, written as webdataset's "::" list
     bad = ConfigError(f"{where}: {dotted} must be {_describe(hint)}, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -303,6 +309,8 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     check(d.workers >= 0, "data.workers", ">= 0")
     one_of("data.text_cache", TEXT_CACHE, d.text_cache)
     check(d.max_image_pixels >= 1, "data.max_image_pixels", ">= 1")
+    check(d.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0 (0 or 1: no shuffling within a stream)")
+    check(d.train_num_samples is None or d.train_num_samples >= 1, "data.train_num_samples", ">= 1 (or null: all)")
     check(0.0 <= lo.fused_weight <= 1.0, "loss.fused_weight", "in [0, 1]")
     one_of("loss.free_matching", FREE_MATCHING, lo.free_matching)
     check(finite(lo.diversity_margin), "loss.diversity_margin", "a finite number or null")

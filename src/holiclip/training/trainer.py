@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from ..data.loader import (
     Collate, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, tensor_transform,
 )
+from ..data.records import DataError
+from ..data.shards import ShardStream, shard_sizes, shard_urls
 from ..io import jsonl_rows
 from ..loss import M2MLoss
 from ..models.registry import create_model, get_tokenizer, get_transforms, save_model
@@ -94,10 +96,14 @@ class Trainer:
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.tokenizer = get_tokenizer(cfg.model.name)
-        self.manifest = load_manifest(
+        self.shards = shard_urls(cfg.data.train)  # webdataset shards are streamed; None: a JSONL / CSV manifest
+        if self.shards is None and (cfg.data.resampled or cfg.data.train_num_samples is not None):
+            raise DataError(f"data.resampled and data.train_num_samples apply to webdataset shards; data.train="
+                            f"{cfg.data.train} is a manifest, whose epoch is all its rows")
+        self.manifest = None if self.shards else load_manifest(
             cfg.data.train, cfg.data.slots, cfg.data.missing_slot_policy, cfg.data.list_slots, cfg.data.on_bad_row
         )
-        if self.dist.is_main:  # rows skipped (on_bad_row=skip) or dropped (missing_slot_policy=drop): a warning
+        if self.manifest is not None and self.dist.is_main:  # rows skipped (on_bad_row=skip) or dropped: a warning
             self.manifest.report()
         size = self.model.image_size[0] if isinstance(self.model.image_size, tuple) else self.model.image_size
         # open_clip's training transform (RandomResizedCrop, scale 0.9-1.0) as the research code, unless
@@ -106,8 +112,9 @@ class Trainer:
             tensor_transform(size, augment=cfg.data.augment)
             if cfg.data.cache_images else get_transforms(self.model, is_train=cfg.data.augment)
         )
-        self.dataset = MultiTextDataset(self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size,
-                                        seed=cfg.run.seed, max_pixels=cfg.data.max_image_pixels)
+        self.dataset = self._shard_stream(transform) if self.shards else MultiTextDataset(
+            self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size, seed=cfg.run.seed,
+            max_pixels=cfg.data.max_image_pixels)
         # a frozen text trunk: its features come from an on-disk, memory-mapped cache, gathered per
         # batch by the loader's workers (never all in memory); a trainable one: nothing is built
         self.text_cache = None
@@ -121,7 +128,7 @@ class Trainer:
             barrier()
             if not self.dist.is_main:
                 self.text_cache = TextCache.open(cfg.run.cache_dir, self.model, self.tokenizer)
-        self.sampler = ResumableBatchSampler(
+        self.sampler = None if self.shards else ResumableBatchSampler(
             len(self.dataset), cfg.optim.batch_size, self.dist.rank, self.dist.world_size, cfg.run.seed
         )
         self.collate = Collate(self.tokenizer, self.model.context_length, text_cache=self.text_cache)
@@ -144,8 +151,25 @@ class Trainer:
         if cfg.run.compile:
             self.net = compile_for(self.net, self.device)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.counters = {"seen": 0, "bad": 0, "truncated": 0, "texts": 0, **self.manifest.counts()}
+        self.counters = {"seen": 0, "bad": 0, "truncated": 0, "texts": 0,
+                         **(self.dataset if self.shards else self.manifest).counts()}
         self.bad_examples: list[str] = []
+
+    def _shard_stream(self, transform) -> ShardStream:
+        d = self.cfg.data
+        if d.cache_images:
+            raise DataError(f"data.cache_images decodes a whole manifest into memory once; webdataset shards "
+                            f"(data.train={d.train}) are streamed and decoded as they come: set data.cache_images=false")
+        sizes = ckpt.on_main(lambda: shard_sizes(self.shards), self.dist.is_main)  # read (or counted) once
+        stream = ShardStream(
+            self.shards, d.slots, self.cfg.optim.batch_size, transform, seed=self.cfg.run.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size, shuffle_buffer=d.shuffle_buffer, num_samples=d.train_num_samples,
+            resampled=d.resampled, list_slots=d.list_slots, missing_slot_policy=d.missing_slot_policy,
+            on_bad_row=d.on_bad_row, max_pixels=d.max_image_pixels, sizes=sizes, workers=d.workers,
+        )
+        if self.dist.is_main:
+            log.info("data: %s", stream.describe())
+        return stream
 
     def _state(self) -> dict:
         return {
@@ -154,6 +178,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "counters": dict(self.counters), "bad_examples": self.bad_examples[:20], "rng": ckpt.rng_state(),
             "config": self.cfg.to_dict(),  # a resume with other training settings is caught
+            **({"data_stream": self.dataset.state()} if self.shards else {}),  # how the epoch is split
         }
 
     def _restore(self, path: Path, state: dict | None = None) -> None:
@@ -164,6 +189,8 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if self.shards:
+            self.dataset.load_state(state.get("data_stream"), self.epoch, self.batch_in_epoch)
         self.counters.update(state["counters"])
         self.bad_examples = list(state["bad_examples"])
         ckpt.set_rng_state(state["rng"])
@@ -171,12 +198,16 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------
     def _batches(self):
         while True:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            self.dataset.set_epoch(self.epoch)
-            loader = DataLoader(
-                self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
-                num_workers=self.cfg.data.workers, persistent_workers=False,
-            )
+            if self.shards:  # each stream skips the samples of the batches consumed, undecoded
+                self.dataset.set_epoch(self.epoch, self.batch_in_epoch)
+                loader = self.dataset.loader(self.collate, self.cfg.data.workers)
+            else:
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                self.dataset.set_epoch(self.epoch)
+                loader = DataLoader(
+                    self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
+                    num_workers=self.cfg.data.workers, persistent_workers=False,
+                )
             for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch
@@ -188,6 +219,10 @@ class Trainer:
         if self.dist.is_main and (c["bad"] or c["truncated"]):
             log.info("%s: %d unreadable images skipped of %d seen; %d of %d texts truncated to %d tokens",
                      when, c["bad"], c["seen"], c["truncated"], c["texts"], self.model.context_length)
+        if self.dist.is_main and self.shards and (c["bad_rows"] or c["dropped"]):
+            log.warning("%s: %d samples left out of the shards and replaced: %d malformed or missing "
+                        "(data.on_bad_row=skip), %d lacking a slot (data.missing_slot_policy=drop)",
+                        when, c["bad_rows"] + c["dropped"], c["bad_rows"], c["dropped"])
 
     def _end_epoch(self) -> None:
         self._summarise(f"epoch {self.epoch}")
@@ -323,9 +358,16 @@ class Trainer:
     def _account(self, batch) -> None:
         n = len(batch["index"]) + len(batch["bad"])
         stats = [n, len(batch["bad"]), batch["truncated"], batch["num_texts"]]
+        keys = ["seen", "bad", "truncated", "texts"]
+        if self.shards:  # samples a stream left out and replaced (on_bad_row=skip, missing_slot_policy=drop)
+            keys += ["bad_rows", "dropped"]
+            stats += [len(batch["bad_rows"]), len(batch["dropped"])]
+            for message in (batch["bad_rows"] + batch["dropped"])[: max(0, 5 - self.counters["bad_rows"]
+                                                                       - self.counters["dropped"])]:
+                log.warning("left out and replaced: %s", message)
         if self.dist.enabled:
             stats = [all_reduce_sum(s, self.device) for s in stats]
-        for key, value in zip(("seen", "bad", "truncated", "texts"), stats):
+        for key, value in zip(keys, stats):
             self.counters[key] += int(value)
         if batch["bad"]:
             self.bad_examples.extend(batch["bad"][: max(0, 20 - len(self.bad_examples))])
