@@ -18,6 +18,11 @@ def app(
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of training steps."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Override the number of seeds."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Runs side by side (default: 2 on 2+ cores)."),
+    ablations: bool = typer.Option(False, "--ablations", help="The paper's ablations (fusion, branch subsets, number "
+                                   "of texts, Psi_MLP, regulariser, control, two styles, dense probe), 3 seeds; "
+                                   "default --out runs/ablations, reusing finished runs there and in --reuse."),
+    reuse: Optional[str] = typer.Option(None, "--reuse", help="With --ablations: comma-separated folders of "
+                                        "finished runs to reuse (default runs/demo)."),
 ) -> None:
     """CLIP vs O2M vs Holistic CLIP on the built-in emoji benchmark: trains, evaluates, reports."""
     from holiclip.benchmarks.emoji.data.sources import MissingSourcesError
@@ -25,13 +30,22 @@ def app(
 
     if quick and full:
         raise typer.BadParameter("--quick and --full exclude each other")
+    if ablations and (full or data or steps):
+        raise typer.BadParameter("--ablations has its own data, steps and seeds (3): drop --full, --data, --steps")
+    if reuse and not ablations:
+        raise typer.BadParameter("--reuse goes with --ablations")
     mode = "quick" if quick else "full" if full else "default"
     names = comma_list(variants)
     # the report names the command that produced it: these options, as given
     given = {"--quick": quick, "--full": full, "--variants": variants, "--out": out, "--data": data,
-             "--steps": steps, "--seeds": seeds, "--jobs": jobs}
+             "--steps": steps, "--seeds": seeds, "--jobs": jobs, "--ablations": ablations, "--reuse": reuse}
     args = [a for k, v in given.items() if v is not None and v is not False for a in ((k,) if v is True else (k, str(v)))]
     try:
+        if ablations:
+            from holiclip.benchmarks.emoji.ablations import run_ablations
+
+            run_ablations(quick, out, seeds, jobs, comma_list(reuse), names, command=shlex.join(["holiclip", "demo", *args]))
+            return
         run_demo(mode, names, out or ("runs/demo-quick" if quick else "runs/demo"), data, steps, seeds, jobs,
                  command=shlex.join(["holiclip", "demo", *args]))
     except (MissingSourcesError, ValueError) as err:

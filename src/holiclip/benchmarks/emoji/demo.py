@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -104,13 +105,19 @@ def variant_config(mode: Mode, name: str, data: Path, out: Path, seed: int, cach
     return load_config(load_variant(name).config, train_overrides(mode, data, out, seed, cache_dir))
 
 
-def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, cache_dir: Path) -> dict:
-    """Trains (or resumes / reuses a finished run) then evaluates one variant and seed."""
+def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, cache_dir: Path,
+                reuse: Sequence[Path] = (), evaluator=None) -> dict:
+    """Trains (or resumes / reuses a finished run) then evaluates one variant and seed.
+
+    A finished run with the same training settings is reused from ``out`` or from any folder in
+    ``reuse`` (as ``<folder>/<variant>/seed<k>``). ``evaluator(run_dir, data, trained)``, when
+    given, replaces the demo's evaluation (and its ``eval.json`` in the run folder)."""
     run_dir = out / variant.name / f"seed{seed}"
     cfg = variant_config(mode, variant.name, data, run_dir, seed, cache_dir)
-    done = run_dir / "model" / "holiclip_config.json"
+    found = finished_run(cfg, [run_dir, *(Path(r) / variant.name / f"seed{seed}" for r in reuse)])
     train_s = None
-    if done.exists() and _same_run(json.loads(done.read_text()).get("train_config"), cfg.to_dict()):
+    if found is not None:
+        run_dir = found
         log.info("[%s seed %d] finished run found in %s: reusing it", variant.name, seed, run_dir)
     else:
         log.info("[%s seed %d] training %d steps x %d images", variant.name, seed, mode.steps, mode.batch_size)
@@ -123,16 +130,42 @@ def run_variant(mode: Mode, variant: Variant, data: Path, out: Path, seed: int, 
         train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     eval_file = run_dir / "eval.json"
-    if train_s is None and eval_file.exists():  # same finished run: its evaluation stands
+    if evaluator is not None:
+        metrics = evaluator(run_dir, data, train_s is not None)
+    elif train_s is None and eval_file.exists():  # same finished run: its evaluation stands
         metrics = json.loads(eval_file.read_text())
     else:
         model = load_model(run_dir / "model")
         metrics = evaluate_emoji(model, data, slots=SLOTS, limit=mode.eval_limit)
         write_json(eval_file, metrics)
     eval_s = time.perf_counter() - t0
-    curve = [{"step": m["step"], "loss": m["loss"]} for m in read_metrics(run_dir)]
+    logged = read_metrics(run_dir)
+    curve = [{"step": m["step"], "loss": m["loss"]} for m in logged]
     return {"metrics": metrics, "train_seconds": train_s, "eval_seconds": eval_s, "curve": curve,
-            "run_dir": str(run_dir)}
+            "logged_train_seconds": logged_train_seconds(logged, cfg.optim.batch_size), "run_dir": str(run_dir)}
+
+
+def finished_run(cfg: TrainConfig, candidates: Sequence[Path]) -> Path | None:
+    """The first folder holding a finished run trained with ``cfg``'s settings, if any."""
+    for run_dir in candidates:
+        done = Path(run_dir) / "model" / "holiclip_config.json"
+        if done.is_file() and _same_run(json.loads(done.read_text()).get("train_config"), cfg.to_dict()):
+            return Path(run_dir)
+    return None
+
+
+def logged_train_seconds(logged: list[dict], batch_size: int) -> float | None:
+    """A run's training time as its metrics log measured it: the steps between two log lines
+    over the throughput logged with the second (data loading and steps included, start-up and
+    checkpoint writes between log lines partly)."""
+    total, prev = 0.0, 0
+    for m in logged:
+        rate = m.get("samples_per_s")
+        if not rate:
+            return None
+        total += (m["step"] - prev) * batch_size / rate
+        prev = m["step"]
+    return total if logged else None
 
 
 def _same_run(saved: dict | None, wanted: dict) -> bool:
@@ -146,9 +179,9 @@ def _same_run(saved: dict | None, wanted: dict) -> bool:
 
 def _variant_job(args: tuple) -> tuple[str, int, dict]:
     """One (variant, seed) in a worker process with its own thread budget."""
-    mode, name, data, out, seed, cache_dir, threads = args
+    mode, name, data, out, seed, cache_dir, threads, reuse, evaluator = args
     torch.set_num_threads(threads)
-    return name, seed, run_variant(mode, load_variant(name), data, out, seed, cache_dir)
+    return name, seed, run_variant(mode, load_variant(name), data, out, seed, cache_dir, reuse, evaluator)
 
 
 def _worker_logging(queue, level: int) -> None:
@@ -177,17 +210,22 @@ def threads_per_run(jobs: int, runs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def run_jobs(mode: Mode, names: list[str], data: Path, out: Path, cache_dir: Path, jobs: int) -> dict:
-    """All (variant, seed) runs. With ``jobs`` > 1 they run side by side in worker processes,
-    cores / jobs threads each: on a 2-core CPU two single-thread runs train ~1.6x faster together
-    than one 2-thread run (bench/bench_demo_step.py). A run left alone at the end gets every thread."""
+def run_jobs(mode: Mode, names: list[str], data: Path | dict[str, Path], out: Path, cache_dir: Path, jobs: int,
+             reuse: Sequence[Path] = (), evaluator=None) -> dict:
+    """All (variant, seed) runs (``data``: one dataset, or one per variant name). With ``jobs`` > 1
+    they run side by side in worker processes, cores / jobs threads each: on a 2-core CPU two
+    single-thread runs train ~1.6x faster together than one 2-thread run (bench/bench_demo_step.py).
+    A run left alone at the end gets every thread."""
     cpus = os.cpu_count() or 1
+    data_of = data if isinstance(data, dict) else dict.fromkeys(names, data)
     work = [(name, seed) for seed in mode.seeds for name in names]
     if jobs <= 1 or len(work) == 1:
-        return {(n, s): run_variant(mode, load_variant(n), data, out, s, cache_dir) for n, s in work}
+        return {(n, s): run_variant(mode, load_variant(n), data_of[n], out, s, cache_dir, reuse, evaluator)
+                for n, s in work}
     per_job = threads_per_run(jobs, len(work))
     paired = len(work) - len(work) % jobs
-    args = [(mode, n, data, out, s, cache_dir, per_job if i < paired else cpus) for i, (n, s) in enumerate(work)]
+    args = [(mode, n, data_of[n], out, s, cache_dir, per_job if i < paired else cpus, tuple(reuse), evaluator)
+            for i, (n, s) in enumerate(work)]
     results = {}
     context = mp.get_context("spawn")
     queue = context.Queue()
