@@ -11,6 +11,9 @@ from tests.helpers.datasets import make_dataset
 from tests.helpers.training import cfg_for, weights
 
 
+# inductor builds each CPU kernel with the C++ compiler: ~20 s with its cache warm (/tmp/torchinductor_*),
+# minutes on a cold cache on a loaded 2-core machine
+@pytest.mark.timeout(900)
 def test_compiled_model_trains_as_eager(tmp_path):
     data = make_dataset(tmp_path, n=16)
     runs = {}
