@@ -197,16 +197,17 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def _batches(self):
+        pin = self.device.startswith("cuda")  # page-locked: the copies to the GPU run asynchronously
         while True:
             if self.shards:  # each stream skips the samples of the batches consumed, undecoded
                 self.dataset.set_epoch(self.epoch, self.batch_in_epoch)
-                loader = self.dataset.loader(self.collate, self.cfg.data.workers)
+                loader = self.dataset.loader(self.collate, self.cfg.data.workers, pin_memory=pin)
             else:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 self.dataset.set_epoch(self.epoch)
                 loader = DataLoader(
                     self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
-                    num_workers=self.cfg.data.workers, persistent_workers=False,
+                    num_workers=self.cfg.data.workers, persistent_workers=False, pin_memory=pin,
                 )
             for batch in loader:
                 self.batch_in_epoch += 1
@@ -240,7 +241,7 @@ class Trainer:
                 trunk = batch["text_trunk_features"].to(self.device, non_blocking=True)
                 out = self.net(images=images, text_trunk_features=trunk)
             else:
-                out = self.net(images=images, texts=batch["texts"].to(self.device))
+                out = self.net(images=images, texts=batch["texts"].to(self.device, non_blocking=True))
         return out
 
     def _loss(self, out: dict) -> dict:
@@ -280,9 +281,12 @@ class Trainer:
         progress = logger.progress(total=cfg.optim.steps, initial=self.step, disable=not cfg.run.progress)
         last = dict(logger.last_row or {})  # stands when nothing is left to train
         self.model.train()
-        t0, samples_since = time.perf_counter(), 0
+        t0, samples_since, waited = time.perf_counter(), 0, 0.0
         while self.step < end:
-            terms = self._train_step([next(batches) for _ in range(accum)])
+            fetched = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(accum)]
+            waited += time.perf_counter() - fetched  # blocked on the loader (the step before synchronised)
+            terms = self._train_step(micro_batches)
             self.step += 1
             samples_since += global_batch
             last = terms
@@ -292,11 +296,15 @@ class Trainer:
                     last = terms
                 dt = time.perf_counter() - t0
                 rate = samples_since / dt if dt > 0 else 0.0
+                data_wait = self._slowest_rank(waited / dt if dt > 0 else 0.0)
                 logger.log(self.step, {**terms, "lr": self.scheduler.get_last_lr()[0],
                                        "logit_scale": self.model.logit_scale.exp().item(), "samples_per_s": rate,
+                                       "samples_per_s_per_device": rate / self.dist.world_size,
+                                       "data_wait": data_wait,
                                        "epoch": self.epoch, **{f"data/{k}": v for k, v in self.counters.items()}})
-                t0, samples_since = time.perf_counter(), 0
-                progress.set_postfix(loss=f"{terms['loss']:.3f}", ips=f"{rate:.0f}")
+                t0, samples_since, waited = time.perf_counter(), 0, 0.0
+                progress.set_postfix(loss=f"{terms['loss']:.3f}", ips_per_device=f"{rate / self.dist.world_size:.0f}",
+                                     data_wait=f"{data_wait:.0%}")
             progress.update(1)
             if self.step % cfg.run.save_every == 0 or self.step == end:
                 self._save()
@@ -308,6 +316,14 @@ class Trainer:
         barrier()
         return {"step": self.step, "last": last, "counters": dict(self.counters), "out": str(self.out),
                 "trained_steps": self.step - start}
+
+    def _slowest_rank(self, value: float) -> float:
+        """The largest of the ranks' values: one rank waiting on its data holds up every rank's step."""
+        if not self.dist.enabled:
+            return value
+        t = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
 
     # -- one optimisation step -------------------------------------------------------------
     def _train_step(self, micro_batches: list[dict]) -> dict[str, float]:
