@@ -244,3 +244,12 @@ def test_saved_config_lacking_a_newer_key_compares_as_its_default(base):
     assert _same_run(saved, current)
     saved["run"]["seed"] = 1  # a key the saved config has still counts
     assert config_changes(saved, current) == ["run.seed: 1 -> 0"] and not _same_run(saved, current)
+
+
+def test_compiling_or_not_is_no_training_change():
+    from holiclip.training.checkpoint import config_changes
+    from holiclip.training.config import load_config
+
+    eager = load_config(None, ["data.train=x.jsonl"]).to_dict()
+    compiled = load_config(None, ["data.train=x.jsonl", "run.compile=true", "optim.lr=0.1"]).to_dict()
+    assert config_changes(eager, compiled) == ["optim.lr: 0.0005 -> 0.1"]
