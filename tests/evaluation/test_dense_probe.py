@@ -41,19 +41,33 @@ def test_patch_targets_refuse_bad_masks():
         patch_targets(torch.zeros(1, 5, 4, dtype=torch.long), (2, 2), num_classes=3)
 
 
-def test_probe_finds_a_planted_answer_and_not_one_that_is_absent():
+@pytest.mark.parametrize("background, names", [("ignore", {"a", "b", "c"}), ("class", {"a", "b", "c", "background"})])
+def test_probe_finds_a_planted_answer_and_not_one_that_is_absent(background, names):
     train_tok, train_masks = _planted(60, seed=0)
     # test scenes of one class each: no class border for the bilinear upsampling to blur
     test_tok, test_masks = _planted(30, seed=1, uniform=True)
-    res = linear_probe(train_tok, train_masks, test_tok, test_masks, CLASSES, GRID, classnames=["a", "b", "c"])
+    res = linear_probe(train_tok, train_masks, test_tok, test_masks, CLASSES, GRID, classnames=["a", "b", "c"],
+                       background=background)
     assert res["mIoU"] == 1.0 and res["pixel_accuracy"] == 1.0
+    assert set(res["per_class_iou"]) == names
     mixed_tok, mixed_masks = _planted(30, seed=1)  # with borders: nearly every pixel still right
-    assert linear_probe(train_tok, train_masks, mixed_tok, mixed_masks, CLASSES, GRID)["pixel_accuracy"] > 0.9
-    assert set(res["per_class_iou"]) == {"a", "b", "c", "background"}
+    mixed = linear_probe(train_tok, train_masks, mixed_tok, mixed_masks, CLASSES, GRID, background=background)
+    assert mixed["pixel_accuracy"] > 0.9
     noise_tok, _ = _planted(60, seed=0, informative=False)
     test_noise, test_masks = _planted(30, seed=1, informative=False)
-    chance = linear_probe(noise_tok, train_masks, test_noise, test_masks, CLASSES, GRID)
-    assert chance["mIoU"] < 0.4
+    chance = linear_probe(noise_tok, train_masks, test_noise, test_masks, CLASSES, GRID, background=background)
+    assert chance["mIoU"] < 0.45
+
+
+def test_ignored_background_is_neither_learnt_nor_scored():
+    train_tok, train_masks = _planted(60, seed=0)
+    test_tok, test_masks = _planted(30, seed=1, uniform=True)
+    test_tok = test_tok.clone()
+    test_tok[test_masks[:, ::PATCH, ::PATCH].flatten(1) < 0] = 1e3  # nonsense on background patches: not scored
+    res = linear_probe(train_tok, train_masks, test_tok, test_masks, CLASSES, GRID)
+    assert res["mIoU"] == 1.0
+    with pytest.raises(ValueError, match="background must be"):
+        linear_probe(train_tok, train_masks, test_tok, test_masks, CLASSES, GRID, background="drop")
 
 
 def test_probe_is_seeded():

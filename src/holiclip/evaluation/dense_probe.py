@@ -7,13 +7,14 @@ Tokens: the patch tokens after the image tower's last block, through the shared 
 shared by all branches; Psi_MLP forks the stream in its last L blocks, so each branch has its
 own patch tokens there (:func:`patch_token_streams` returns one stream per branch then).
 
-Targets: each patch's class distribution (the fraction of its pixels of each class, the
-background a class of its own), so a patch's target is the mean of its pixels' one-hot labels.
-The classifier is ridge regression of those targets on the standardised tokens, solved in closed
-form (a least-squares linear classifier, as scikit-learn's RidgeClassifier; deterministic,
-``seed`` only draws the training subset). Predictions: the patch grid's scores upsampled
-bilinearly to the mask size, argmax; mIoU over the object classes and the
-background, as :func:`holiclip.evaluation.dense.iou_metrics` computes it.
+Targets: each patch's class distribution (the fraction of its pixels of each class); the
+soft-target cross-entropy on a patch equals the pixel cross-entropy of a score held constant
+over the patch. Background pixels are left out (``background="ignore"``, the protocol of the
+zero-shot dense evaluation: object pixels, object classes) or are one more class
+(``"class"``). The classifier is multinomial logistic regression on standardised tokens with
+an L2 penalty, fitted full batch by L-BFGS from zero (deterministic; ``seed`` only draws the
+training subset). Predictions: the patch grid's scores upsampled bilinearly to the mask size,
+argmax; mIoU as :func:`holiclip.evaluation.dense.iou_metrics` computes it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import confusion_matrix, iou_metrics
+from .dense import IGNORE_INDEX, confusion_matrix, iou_metrics
 
 
 @dataclass
@@ -72,44 +73,67 @@ def patch_targets(masks: torch.Tensor, grid: tuple[int, int], num_classes: int) 
     return onehot.mean(dim=(2, 4)).reshape(n, gh * gw, num_classes + 1)
 
 
-def fit_probe(tokens: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> LinearProbe:
-    """tokens (N, P, W), targets (N, P, K) class fractions -> the fitted :class:`LinearProbe`:
-    ridge regression of the class fractions on the standardised tokens (penalty ``ridge`` x the
-    number of patches), solved in closed form (a least-squares linear classifier: deterministic,
-    and a fraction of a second for 10^5 patches where an iterative logistic fit takes minutes)."""
-    x = tokens.reshape(-1, tokens.shape[-1]).double()
-    y = targets.reshape(-1, targets.shape[-1]).double()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+def fit_probe(tokens: torch.Tensor, targets: torch.Tensor, weight_decay: float = 1e-4,
+              max_iter: int = 50) -> LinearProbe:
+    """tokens (N, P, W), targets (N, P, K) class fractions (rows may sum to less than 1: the
+    ignored pixels) -> the fitted :class:`LinearProbe`: multinomial logistic regression on the
+    standardised tokens, soft-target cross-entropy weighted by each patch's scored pixels, L2
+    penalty, full-batch L-BFGS from zero (deterministic)."""
+    x = tokens.reshape(-1, tokens.shape[-1]).float()
+    y = targets.reshape(-1, targets.shape[-1]).float()
+    keep = y.sum(1) > 0  # patches of ignored pixels only carry no loss
+    x, y = x[keep], y[keep]
+    if not len(x):
+        raise ValueError("no patch with a pixel to learn from")
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1])
     x = (x - mean) / std
-    y_mean = y.mean(0)
-    gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
-    weight = torch.linalg.solve(gram, x.T @ (y - y_mean)).T  # (K, W); centred, so the bias is the mean
-    return LinearProbe(weight.float(), y_mean.float(), mean.float(), std.float())
+    weight = torch.zeros(y.shape[1], x.shape[1], requires_grad=True)
+    bias = torch.zeros(y.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe")
+    total = y.sum()
+
+    def closure():
+        opt.zero_grad()
+        logp = F.log_softmax(x @ weight.T + bias, dim=1)
+        loss = -(y * logp).sum() / total + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return LinearProbe(weight.detach(), bias.detach(), mean, std)
 
 
 @torch.no_grad()
 def probe_miou(probe: LinearProbe, tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
-               num_classes: int, classnames: Sequence[str] | None = None, batch_size: int = 256) -> dict:
-    """mIoU etc. (:func:`iou_metrics`) of the probe's upsampled predictions against (N, h, w)
-    masks (-1 = background, scored as class C)."""
-    k = num_classes + 1
+               num_classes: int, classnames: Sequence[str] | None = None, background: str = "ignore",
+               batch_size: int = 128) -> dict:
+    """:func:`iou_metrics` of the probe's upsampled predictions against (N, h, w) masks (-1 =
+    background: left out with ``background="ignore"``, scored as class C with ``"class"``)."""
+    k = num_classes + (background == "class")
     cm = torch.zeros(k, k, dtype=torch.long)
     for s in range(0, len(tokens), batch_size):
-        logits = probe.scores(tokens[s: s + batch_size])  # (B, P, K)
-        logits = logits.transpose(1, 2).reshape(logits.shape[0], k, *grid)
+        scores = probe.scores(tokens[s: s + batch_size])  # (B, P, K)
+        scores = scores.transpose(1, 2).reshape(scores.shape[0], k, *grid)
         truth = masks[s: s + batch_size].long().clone()
-        truth[truth < 0] = num_classes
-        pred = F.interpolate(logits, size=tuple(truth.shape[1:]), mode="bilinear", align_corners=False).argmax(1)
-        cm += confusion_matrix(pred, truth, k, ignore_index=-1)
-    names = list(classnames) + ["background"] if classnames is not None else None
+        truth[truth < 0] = num_classes if background == "class" else IGNORE_INDEX
+        pred = F.interpolate(scores, size=tuple(truth.shape[1:]), mode="bilinear", align_corners=False).argmax(1)
+        cm += confusion_matrix(pred, truth, k, ignore_index=IGNORE_INDEX)
+    names = None if classnames is None else list(classnames) + (["background"] if background == "class" else [])
     return iou_metrics(cm, names)
 
 
 def linear_probe(train_tokens: torch.Tensor, train_masks, test_tokens: torch.Tensor, test_masks,
                  num_classes: int, grid: tuple[int, int], classnames: Sequence[str] | None = None,
-                 max_train: int | None = None, seed: int = 0, ridge: float = 1e-3) -> dict:
+                 max_train: int | None = None, seed: int = 0, background: str = "ignore") -> dict:
     """Fits a probe on (a seeded subset of ``max_train``) training images' patch tokens (N, P, W)
-    and masks (N, h, w), and scores it on the test images: :func:`iou_metrics`' dict."""
+    and masks (N, h, w), and scores it on the test images: :func:`iou_metrics`' dict.
+    ``background``: ``"ignore"`` (object pixels and classes only, the protocol of the zero-shot
+    :func:`~holiclip.evaluation.dense.evaluate_segmentation` on masks whose background is the
+    ignore index) or ``"class"`` (the background is one more class, as in VOC)."""
+    if background not in ("ignore", "class"):
+        raise ValueError(f"background must be 'ignore' or 'class', got {background!r}")
     train_masks = torch.as_tensor(np.asarray(train_masks))
     test_masks = torch.as_tensor(np.asarray(test_masks))
     if len(train_tokens) != len(train_masks) or len(test_tokens) != len(test_masks):
@@ -118,5 +142,8 @@ def linear_probe(train_tokens: torch.Tensor, train_masks, test_tokens: torch.Ten
     if max_train is not None and len(train_tokens) > max_train:
         keep = torch.randperm(len(train_tokens), generator=torch.Generator().manual_seed(seed))[:max_train]
         train_tokens, train_masks = train_tokens[keep], train_masks[keep]
-    probe = fit_probe(train_tokens, patch_targets(train_masks, grid, num_classes), ridge)
-    return probe_miou(probe, test_tokens, test_masks, grid, num_classes, classnames)
+    targets = patch_targets(train_masks, grid, num_classes)
+    if background == "ignore":
+        targets = targets[..., :num_classes]
+    probe = fit_probe(train_tokens, targets)
+    return probe_miou(probe, test_tokens, test_masks, grid, num_classes, classnames, background)

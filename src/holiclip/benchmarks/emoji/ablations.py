@@ -656,6 +656,7 @@ def _plot_texts(summary: dict, path: Path) -> bool:
     sim = {int(k): v for k, v in ((summary.get("text_similarity") or {}).get("by_h") or {}).items()}
     a2.plot(sorted(sim), [sim[k] for k in sorted(sim)], marker="o", label="emoji benchmark")
     a2.plot([2, 3, 4, 5], [0.56, 0.52, 0.50, 0.48], marker="s", ls="--", label="paper (Table 9)")
+    a2.set_xticks([2, 3, 4, 5])
     a2.set_xlabel("texts per image")
     a2.set_ylabel("mean intra-image text similarity")
     a2.legend(fontsize=7)

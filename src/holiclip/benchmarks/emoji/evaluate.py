@@ -10,6 +10,8 @@ Tasks (all on the test split unless noted; percentages in [0, 100]):
   zeroshot_heldout_style_top1  main object, scenes drawn in an artwork style never trained on.
   dense_miou  per-patch open-vocabulary labels of object pixels (background pixels ignored),
             mIoU over the object classes; read-out described in ``MultiBranchViT.dense``.
+  dense_probe_miou  (with ``probe_images``) the same protocol, labels from a linear probe on the
+            frozen patch tokens fitted on training scenes (``holiclip.evaluation.dense_probe``).
 Routing (the paper's Table 8 idea as an option): short -> ``web``, long -> ``detail``,
 main object, held-out style and dense -> ``main``, background -> ``background``.
 """
