@@ -140,30 +140,37 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from holiclip.training.config import load_config
 from holiclip.training.trainer import Trainer
 
-out, overrides = sys.argv[1], sys.argv[2:]
-trainer = Trainer(load_config(None, overrides))
-trainer._build()
-trainer.model.train()
-calls = []
 
-def count(state, bucket):  # DDP's all-reduce of one gradient bucket, counted
-    calls.append(1)
-    return allreduce_hook(state, bucket)
+def main(out, overrides):
+    trainer = Trainer(load_config(None, overrides))
+    trainer._build()
+    trainer.model.train()
+    calls = []
 
-trainer.net.register_comm_hook(None, count)
-batches = trainer._batches()
-micro = [next(batches), next(batches)]
-for _ in range(2):  # one micro-batch: the all-reduces of one backward (DDP re-buckets after the first)
-    before = len(calls)
-    trainer._backward(micro[:1])
-    trainer.optimizer.zero_grad(set_to_none=True)
-one, before = len(calls) - before, len(calls)
-losses = trainer._backward(micro)
-loss = torch.stack(list(losses.values())).sum().reshape(1)
-dist.all_reduce(loss)
-if dist.get_rank() == 0:
-    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-    torch.save({"loss": loss / dist.get_world_size(), "grads": grads, "reduces": (one, len(calls) - before)}, out)
+    def count(state, bucket):  # DDP's all-reduce of one gradient bucket, counted
+        calls.append(1)
+        return allreduce_hook(state, bucket)
+
+    trainer.net.register_comm_hook(None, count)
+    batches = trainer._batches()
+    micro = [next(batches), next(batches)]
+    for _ in range(2):  # one micro-batch: the all-reduces of one backward (DDP re-buckets after the first)
+        before = len(calls)
+        trainer._backward(micro[:1])
+        trainer.optimizer.zero_grad(set_to_none=True)
+    one, before = len(calls) - before, len(calls)
+    losses = trainer._backward(micro)
+    loss = torch.stack(list(losses.values())).sum().reshape(1)
+    dist.all_reduce(loss)
+    if dist.get_rank() == 0:
+        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss / dist.get_world_size(), "grads": grads, "reduces": (one, len(calls) - before)}, out)
+
+
+# the trainer (DDP and its hook) is gone when the group is destroyed, as after train(); a DDP
+# model left for the interpreter's exit to free can abort the process there
+main(sys.argv[1], sys.argv[2:])
+dist.barrier()
 dist.destroy_process_group()
 """
 
@@ -181,7 +188,7 @@ def test_torchrun_accumulation_equals_one_process_with_the_global_batch(tmp_path
            *common, f"optim.batch_size={micro}", "optim.accum_steps=2"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-8000:]
     ranks = torch.load(tmp_path / "rank0.pt", weights_only=True)
     one, accumulated = ranks["reduces"]
     assert one == accumulated > 0  # no_sync: the gradients are all-reduced once per step, not per micro-batch
