@@ -94,9 +94,11 @@ def run(model_name: str, batch: int, accum: int, steps: int, device: str, thread
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     if cuda:
-        peak_mib, step_mib = torch.cuda.max_memory_allocated() / 2**20, (torch.cuda.max_memory_allocated() - before) / 2**20
+        peak = torch.cuda.max_memory_allocated()
+        peak_mib, step_mib = peak / 2**20, (peak - before) / 2**20
     else:
-        peak_mib, step_mib = _status_kib("VmHWM") / 1024, (_status_kib("VmHWM") - before_kib) / 1024
+        peak = _status_kib("VmHWM")
+        peak_mib, step_mib = peak / 1024, (peak - before_kib) / 1024
     return {"peak_mib": peak_mib, "step_mib": step_mib, "s_per_step": sorted(times)[len(times) // 2]}
 
 
@@ -121,9 +123,11 @@ def main() -> None:
         f"accumulation k = {k} x B = {b}": (b, k),
         f"one micro-batch of B = {b} (memory floor)": (b, 1),
     }
-    memory = "peak allocated" if device.startswith("cuda") else "peak RSS"
+    cuda = device.startswith("cuda")
+    memory = "peak allocated" if cuda else "peak RSS"
+    floor = "allocated after warm-up" if cuda else "RSS before the first step"
     print(f"{args.model}, H = M = {SLOTS}, {device}, {args.threads} threads; {memory}; "
-          f"step memory = peak minus {'allocated after warm-up' if device.startswith('cuda') else 'RSS before the first step'}")
+          f"step memory = peak minus {floor}")
     print(f"| run | samples/step | {memory} MiB | step memory MiB | vs baseline | s/step | vs baseline |")
     print("|---|---|---|---|---|---|---|")
     base = None
