@@ -182,3 +182,13 @@ def test_merge_cli_writes_shards(mixed):
     assert res.exit_code == 2 and "replace --out FILE with --shards DIR" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["merge", str(tmp / "qwen")])
     assert res.exit_code == 2 and "give one output: --out train.jsonl or --shards DIR" in res.output
+
+
+def test_web_captions_read_from_the_source_shards(mixed):
+    """img2dataset shards -> caption run -> merge: the web caption comes from the shards' own txt member."""
+    tmp, keys, images = mixed
+    rep = merge_captions([tmp / "qwen"], shards=tmp / "shards", web_captions=tmp / "src", slots=["web", "detail"],
+                         missing="drop")
+    got = list(trainer_read_webdataset(str(tmp / "shards" / "shard-000000.tar")))
+    assert rep.written == 2 and [g.image for g in got] == images[2:]  # the two files have no web caption
+    assert [g.captions for g in got] == [{"web": "x", "detail": "detail 2"}, {"web": "x", "detail": "detail 3"}]

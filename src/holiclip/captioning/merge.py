@@ -101,6 +101,27 @@ def read_training_jsonl(path: str | os.PathLike, table: CaptionTable,
             table.add(image, (slot, None), Caption(text or "", None, sample.where))
 
 
+def read_web_captions(source: str | os.PathLike, table: CaptionTable,
+                      list_slots: Sequence[str] | None = ("web",)) -> None:
+    """Web captions from a training JSONL (:func:`read_training_jsonl`) or from the webdataset shards
+    the images came from (img2dataset's ``txt`` member or json ``caption``), keyed as
+    ``caption run`` keys images inside shards (``<absolute shard path>::<key>``)."""
+    from .sources import ImageSource, _shard_urls
+
+    src = str(source)
+    if not (Path(src).is_file() and not src.endswith(".tar")) and ImageSource(src).kind == "webdataset":
+        from holiclip.data.readers import read_webdataset
+
+        for url in _shard_urls(src):
+            for sample in read_webdataset(url, list_slots):
+                image = f"{os.path.abspath(url)}{WDS_SEP}{sample.meta['key']}"
+                for slot, text in sample.captions.items():
+                    if isinstance(text, str):
+                        table.add(image, (slot, None), Caption(text, None, sample.where))
+        return
+    read_training_jsonl(source, table, list_slots)
+
+
 def read_inputs(inputs: Iterable[str | os.PathLike], list_slots: Sequence[str] | None = ("web",),
                 table: CaptionTable | None = None) -> CaptionTable:
     """Caption folders and/or training JSONL files into one table."""
@@ -205,7 +226,7 @@ def merge_captions(
     parse_policy(missing)  # fail on a bad policy before reading millions of rows
     table = CaptionTable()
     if web_captions is not None:
-        read_training_jsonl(web_captions, table, list_slots)
+        read_web_captions(web_captions, table, list_slots)
     read_inputs(caption_dirs, list_slots, table)
     names = assign_slot_names({k for caps in table.by_image.values() for k in caps}, aliases, model_suffix)
     slots = choose_slots(default_slot_order(names.values()), slots, missing)

@@ -157,7 +157,7 @@ def merge_cmd(
     shards: Optional[Path] = typer.Option(None, "--shards", help="Instead of --out: write webdataset shards (images + captions) and sizes.json into this folder; resumable."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="With --shards: samples per shard."),
     workers: int = typer.Option(1, "--workers", min=1, help="With --shards: processes writing shards."),
-    web_captions: Optional[Path] = typer.Option(None, "--web-captions", help="JSONL of web captions: our format, or the research format ('caption': str or list)."),
+    web_captions: Optional[Path] = typer.Option(None, "--web-captions", help="Web captions: a JSONL (our format, or the research format 'caption': str or list), or the webdataset shards the images came from (img2dataset: txt / json caption)."),
     research_slots: str = typer.Option("web", "--research-slots", help="Slot names for the positions of a research-format 'caption' list."),
     slots: Optional[str] = typer.Option(None, "--slots", help="Slots to keep, in order (default: all found)."),
     missing: str = typer.Option("error", "--missing", help="Missing-slot policy: error | drop | fill:<slot>."),

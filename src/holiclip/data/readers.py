@@ -75,10 +75,10 @@ def read_webdataset(urls: str | Sequence[str], list_slots: Sequence[str] | None 
         image = next((item[k] for k in WDS_IMAGE_KEYS if k in item), None)
         if image is None:
             raise DataError(f"{where}: no jpg/png/webp member")
-        if "json" not in item:
-            raise DataError(f"{where}: no json member with captions")
+        if "json" not in item and "txt" not in item:
+            raise DataError(f"{where}: no json member with captions (nor a txt member)")
         try:
-            row = json.loads(item["json"])
+            row = json.loads(item["json"]) if "json" in item else {}  # txt alone: the web caption
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: malformed json member ({err.msg})") from None
         except UnicodeDecodeError as err:
