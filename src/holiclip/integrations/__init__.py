@@ -1,0 +1,1 @@
+"""Integrations with the tools researchers use CLIP models in."""

@@ -1,0 +1,363 @@
+"""Embed an image collection once and search it by perspective (one faiss index per branch).
+
+``embed_collection`` reads a folder / text list / JSONL / webdataset shards
+(:class:`~holiclip.captioning.sources.ImageSource`: the image ids are its keys), encodes them with
+:func:`~holiclip.evaluation.features.encode_images` in chunks, and writes an INDEX folder::
+
+    manifest.json              model, branches, fusion modes, count, dim, index kind
+    ids.json                   image ids, row order of every array below
+    skipped.json               unreadable images (left out of the arrays)
+    embeddings/<name>.npy      (N, D) float32, one per branch and one per fusion mode ("fused-mean")
+    faiss/<name>.index         inner-product index over the same rows
+    chunks/                    the finished chunks; a re-run skips them (resume after a kill)
+
+Branch embeddings are unit vectors, so inner product is cosine similarity; the fused ones are
+:func:`~holiclip.models.fusion.fuse` of them (``mean`` is renormalised too). A text query goes
+through the model's text tower as in training; an image query is compared branch to branch
+(its own ``background`` embedding against the collection's), or fused to fused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..captioning.sources import ImageSource
+from ..data.records import DataError
+from ..evaluation.features import encode_images, encode_texts, read_image
+from ..io import atomic_path, read_json
+from ..models.fusion import FUSION_MODES, fuse
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+FAISS_MISSING = "faiss is not installed: pip install 'holiclip[search]'"
+
+
+class SearchError(ValueError):
+    """Bad input for embed / search: its message names the file, option or value."""
+
+
+def require_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise SearchError(FAISS_MISSING) from None
+    return faiss
+
+
+def fused_name(mode: str) -> str:
+    return f"fused-{mode}"
+
+
+def _write_json(path: Path, obj) -> None:
+    # written beside and renamed: a kill leaves the old file or none, never half of one
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
+
+
+# -- embedding ---------------------------------------------------------------------------------
+def _chunks(source: ImageSource, size: int):
+    chunk = []
+    for item in source:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _chunk_path(out: Path, i: int) -> Path:
+    return out / "chunks" / f"{i:06d}.npz"
+
+
+def _read_chunk(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {"features": z["features"], "ids": [str(s) for s in z["ids"]],
+                "keys": [str(s) for s in z["keys"]], "skipped": json.loads(str(z["skipped"]))}
+
+
+def _save_chunk(path: Path, keys: list[str], ids: list[str], features: np.ndarray, skipped: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a path
+        np.savez(f, features=features, keys=np.array(keys, dtype=str), ids=np.array(ids, dtype=str),
+                 skipped=np.array(json.dumps(skipped)))
+
+
+def _build_faiss(vectors: np.ndarray, ivf: int | None, seed: int = 0):
+    faiss = require_faiss()
+    dim = vectors.shape[1]
+    if not ivf:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        # k-means wants ~40-256 points per list; more only costs training time
+        n_train = min(len(vectors), 256 * ivf)
+        rows = np.sort(np.random.default_rng(seed).choice(len(vectors), n_train, replace=False))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, ivf, faiss.METRIC_INNER_PRODUCT)
+        index.train(np.ascontiguousarray(vectors[rows]))
+    for s in range(0, len(vectors), 65536):  # from a memory map: a slice at a time
+        index.add(np.ascontiguousarray(vectors[s : s + 65536]))
+    return index
+
+
+def embed_collection(
+    model,
+    transform,
+    images: str | os.PathLike | ImageSource,
+    out: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike,
+    fusion: Sequence[str] = ("mean",),
+    ivf: int | None = None,
+    chunk_size: int = 2048,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Embeds every image of ``images`` into the INDEX folder ``out`` (see the module docstring)
+    and returns its manifest. Finished chunks in ``out`` are kept: a re-run after an interruption
+    encodes only the rest (the model, chunk size and source must be the same)."""
+    from tqdm.auto import tqdm
+
+    require_faiss()  # before hours of encoding, not after
+    fusion = list(fusion)
+    for mode in fusion:
+        if mode not in FUSION_MODES:
+            raise SearchError(f"unknown fusion mode {mode!r}; choose from {FUSION_MODES}")
+    if ivf is not None and ivf < 1:
+        raise SearchError(f"--ivf must be a positive number of lists, got {ivf}")
+    if chunk_size < 1:
+        raise SearchError(f"chunk size must be positive, got {chunk_size}")
+    source = images if isinstance(images, ImageSource) else _open_source(images)
+    out = Path(out)
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    names = list(model.branch_names)
+    # what the chunks depend on: a re-run with other settings must not mix embeddings
+    job = {"checkpoint": str(Path(checkpoint).resolve()), "model": model.model_name, "branches": names,
+           "source": source.src, "chunk_size": chunk_size}
+    job_file = out / "chunks" / "job.json"
+    if job_file.exists():
+        old = read_json(job_file)
+        changed = [k for k in job if old.get(k) != job[k]]
+        if changed:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {job[k]!r}" for k in changed)
+            raise SearchError(f"{out} holds chunks of another embedding run ({detail}); "
+                              "use a new --out or remove that folder")
+    else:
+        _write_json(job_file, job)
+
+    model.eval()
+    total = source.total()
+    bar = tqdm(total=total, desc="embed", unit="img", disable=not progress)
+    chunk_files, resumed = [], 0
+    for i, items in enumerate(_chunks(source, chunk_size)):
+        path = _chunk_path(out, i)
+        keys = [it.key for it in items]
+        if path.exists():
+            if _read_chunk(path)["keys"] != keys:
+                raise SearchError(f"{path}: its images differ from the source's images {i * chunk_size}-"
+                                  f"{i * chunk_size + len(keys) - 1} ({source.src} changed); use a new --out")
+            resumed += 1
+        else:
+            skipped: list[dict] = []
+            inputs = [it.path if it.path is not None else it.data for it in items]
+            try:
+                feats = encode_images(model, inputs, transform, batch_size=batch_size, device=device,
+                                      num_workers=num_workers, skipped=skipped).numpy()
+            except DataError:  # not one readable image in this chunk: each one's reason, for skipped.json
+                skipped = [{"index": j, "error": _why_unreadable(x)} for j, x in enumerate(inputs)]
+                feats = np.zeros((0, model.num_branches, 0), dtype=np.float32)
+            bad = {s["index"] for s in skipped}
+            for s in skipped:
+                s["image"] = keys[s["index"]]
+                s["index"] += i * chunk_size
+            ids = [k for j, k in enumerate(keys) if j not in bad]
+            _save_chunk(path, keys, ids, feats.astype(np.float32), skipped)
+        chunk_files.append(path)
+        bar.update(len(items))
+    bar.close()
+    if not chunk_files:
+        raise SearchError(f"{source.src}: no images found")
+    if resumed:
+        log.info("resumed: %d of %d chunks were already embedded in %s", resumed, len(chunk_files), out)
+    return _finish(out, chunk_files, model, job, fusion, ivf)
+
+
+def _why_unreadable(image) -> str:
+    try:
+        read_image(image)
+    except DataError as err:
+        return str(err)
+    return "unreadable"
+
+
+def _open_source(images) -> ImageSource:
+    from ..captioning.sources import SourceError
+
+    try:
+        return ImageSource(images)
+    except SourceError as err:
+        raise SearchError(str(err)) from None
+
+
+def _finish(out: Path, chunk_files: list[Path], model, job: dict, fusion: list[str], ivf: int | None) -> dict:
+    """Chunks -> one memory-mappable array per branch / fusion mode, and its faiss index."""
+    metas = [_read_chunk(p) for p in chunk_files]
+    ids = [k for m in metas for k in m["ids"]]
+    skipped = [s for m in metas for s in m["skipped"]]
+    if not ids:
+        raise SearchError(f"{job['source']}: none of the {len(skipped)} images is readable")
+    dim = next(m["features"].shape[2] for m in metas if len(m["ids"]))
+    n = len(ids)
+    if ivf is not None and ivf > n:
+        raise SearchError(f"--ivf {ivf} needs at least {ivf} images to train on; the collection has {n}")
+    names = job["branches"]
+    targets = names + [fused_name(m) for m in fusion]
+    (out / "embeddings").mkdir(exist_ok=True)
+    (out / "faiss").mkdir(exist_ok=True)
+    arrays = {t: np.lib.format.open_memmap(out / "embeddings" / f"{t}.npy.tmp", mode="w+", dtype=np.float32,
+                                           shape=(n, dim)) for t in targets}
+    row = 0
+    for m in metas:
+        f = m["features"]
+        if not len(f):
+            continue
+        for b, name in enumerate(names):
+            arrays[name][row : row + len(f)] = f[:, b]
+        for mode in fusion:
+            arrays[fused_name(mode)][row : row + len(f)] = fuse(torch.from_numpy(f), mode).numpy()
+        row += len(f)
+    for a in arrays.values():
+        a.flush()
+    arrays.clear()  # closes the memory maps
+    faiss = require_faiss()
+    for t in targets:
+        os.replace(out / "embeddings" / f"{t}.npy.tmp", out / "embeddings" / f"{t}.npy")
+        index = _build_faiss(np.load(out / "embeddings" / f"{t}.npy", mmap_mode="r"), ivf)
+        with atomic_path(out / "faiss" / f"{t}.index") as tmp:
+            faiss.write_index(index, str(tmp))
+    _write_json(out / "ids.json", ids)
+    _write_json(out / "skipped.json", skipped)
+    manifest = {
+        "format": FORMAT,
+        "model": job["model"],
+        "checkpoint": job["checkpoint"],
+        "source": job["source"],
+        "branches": names,
+        "fusion": fusion,
+        "count": n,
+        "skipped": len(skipped),
+        "dim": dim,
+        "dtype": "float32",
+        "metric": "inner_product",
+        "index": {"kind": "ivf-flat", "nlist": ivf} if ivf else {"kind": "flat"},
+        "embeddings": {t: f"embeddings/{t}.npy" for t in targets},
+        "faiss": {t: f"faiss/{t}.index" for t in targets},
+    }
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+# -- searching ---------------------------------------------------------------------------------
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    id: str
+    row: int
+
+
+@dataclass
+class SearchIndex:
+    """An INDEX folder written by :func:`embed_collection`; faiss indexes load on first use."""
+
+    root: Path
+    manifest: dict
+    ids: list[str]
+    _faiss: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "SearchIndex":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.exists():
+            raise SearchError(f"{path} not found: not an index written by `holiclip embed`"
+                              + (" (or the embedding has not finished: run it again to resume)"
+                                 if (root / "chunks").is_dir() else ""))
+        manifest = read_json(path)
+        if manifest.get("format") != FORMAT:
+            raise SearchError(f"{path}: unknown index format {manifest.get('format')!r}; expected {FORMAT}")
+        return cls(root, manifest, json.loads((root / "ids.json").read_text()))
+
+    @property
+    def branches(self) -> list[str]:
+        return list(self.manifest["branches"])
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["faiss"])
+
+    def target(self, branch: str | None = None, fusion: str | None = None) -> str:
+        """The embedding a query runs against: a branch, a fusion mode, or the first fusion mode."""
+        if branch is not None and fusion is not None:
+            raise SearchError("give --branch or --fusion, not both")
+        if branch is not None:
+            if branch not in self.branches:
+                raise SearchError(f"unknown branch {branch!r}; {self.root} has {self.branches}")
+            return branch
+        modes = list(self.manifest["fusion"])
+        if fusion is None:
+            if not modes:
+                raise SearchError(f"{self.root} has no fused embedding; pick a --branch from {self.branches}")
+            fusion = modes[0]
+        if fusion not in modes:
+            raise SearchError(f"{self.root} has no {fusion!r} fused embedding (it has {modes}); "
+                              f"embed with --fusion {fusion}, or pick a --branch from {self.branches}")
+        return fused_name(fusion)
+
+    def embeddings(self, target: str) -> np.ndarray:
+        """(N, D) float32, memory-mapped."""
+        return np.load(self.root / self.manifest["embeddings"][target], mmap_mode="r")
+
+    def faiss_index(self, target: str, nprobe: int | None = None):
+        faiss = require_faiss()
+        if target not in self._faiss:
+            self._faiss[target] = faiss.read_index(str(self.root / self.manifest["faiss"][target]))
+        index = self._faiss[target]
+        if hasattr(index, "nprobe"):
+            # by default a tenth of the lists (at least 1): recall close to exact at a fraction of the cost
+            index.nprobe = nprobe or max(1, index.nlist // 10)
+        return index
+
+    def search(self, queries: np.ndarray | torch.Tensor, target: str, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
+        """Top-k rows by inner product for each query vector (Q, D); fewer when the collection is smaller."""
+        if k < 1:
+            raise SearchError(f"-k must be at least 1, got {k}")
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.manifest["dim"]))
+        scores, rows = self.faiss_index(target, nprobe).search(q, min(k, len(self.ids)))
+        return [[Hit(r + 1, float(s), self.ids[i], int(i)) for r, (s, i) in enumerate(zip(sc, rw)) if i >= 0]
+                for sc, rw in zip(scores, rows)]
+
+
+def encode_text_query(model, tokenizer, texts: Sequence[str], device="cpu") -> torch.Tensor:
+    """(Q, D) unit-norm text embeddings: the shared text tower, as every branch was trained against."""
+    return encode_texts(model, tokenizer, list(texts), device=device).features
+
+
+def encode_image_query(model, transform, image, target: str, device="cpu") -> torch.Tensor:
+    """(1, D): the query image's embedding in the same space as the collection's ``target``
+    (that branch of it, or its branches fused the same way)."""
+    feats = encode_images(model, [str(image) if isinstance(image, Path) else image], transform, device=device)
+    names = list(model.branch_names)
+    if target in names:
+        return feats[:, names.index(target)]
+    return fuse(feats, target.removeprefix("fused-"))
