@@ -252,6 +252,60 @@ class MultiBranchViT(nn.Module):
             out["image_features"] = self.head(self.branch_tokens(x))
         return out
 
+    def hidden_states(
+        self,
+        images: torch.Tensor,
+        layers: Sequence[int],
+        branch: int | None = None,
+        all_class_tokens: bool = False,
+    ) -> list[torch.Tensor]:
+        """A branch's token sequence (B, T, W) at each of ``layers``, from one pass of
+        :meth:`forward_intermediates` (see ``HolisticCLIP.encode_image_tokens`` for the layout).
+
+        ``layers`` index the L + 1 hidden states as Hugging Face's ``hidden_states`` do: 0 is the
+        embeddings (the first block's input, after ``ln_pre``), k >= 1 the output of block k - 1,
+        negative k counts from the end.
+        """
+        blocks = len(self.transformer.resblocks)
+        layers = list(layers)
+        if not layers:
+            raise ValueError("no layer requested")
+        for k in layers:
+            if isinstance(k, bool) or not isinstance(k, int) or not -(blocks + 1) <= k <= blocks:
+                raise ValueError(
+                    f"layer {k!r} is not a layer of the image tower: it has {blocks} blocks, so layers "
+                    f"{-(blocks + 1)}..{blocks} (0: the embeddings, k >= 1: the k-th block's output, -1: the last's)"
+                )
+        if branch is not None and not 0 <= branch < self.num_branches:
+            raise ValueError(f"branch index {branch} out of range for {self.num_branches} branches")
+        resolved = [k % (blocks + 1) for k in layers]
+        if branch is None and self.num_branches > 1 and max(resolved) > self.fork_at:
+            raise ValueError(
+                f"Psi_MLP's branches have their own token streams from layer {self.fork_at + 1} on (the "
+                f"first forked block's output), so layer {layers[resolved.index(max(resolved))]} needs a named branch"
+            )
+        states = {}
+        take = sorted({k - 1 for k in resolved if k > 0})
+        if take:
+            out = self.forward_intermediates(images, indices=take, stop_early=True, intermediates_only=True)
+            states = {i + 1: s for i, s in zip(take, out["image_intermediates"])}
+        if 0 in resolved:
+            states[0] = self.embed(images)
+        return [self._branch_sequence(states[k], branch, all_class_tokens) for k in resolved]
+
+    def _branch_sequence(self, state: torch.Tensor, branch: int | None, all_class_tokens: bool) -> torch.Tensor:
+        """Class tokens (one per branch, or the branch's own) then the branch's patch tokens."""
+        if state.dim() == 4:  # Psi_MLP after the fork: each branch's class token from its own stream
+            cls = state[:, :, 0].transpose(0, 1)
+            patches = state[0 if branch is None else branch, :, 1:]
+        else:  # before the fork every branch reads Psi_MLP's one class token: repeated, so T is the same at every layer
+            prefix = self.num_prefix_tokens
+            cls = state[:, :prefix].expand(-1, self.num_branches, -1)
+            patches = state[:, prefix:]
+        if branch is not None and not all_class_tokens:
+            cls = cls[:, branch: branch + 1]
+        return torch.cat([cls, patches], dim=1)
+
     def branch_tokens(self, states: torch.Tensor) -> torch.Tensor:
         """Class-token state per branch, (B, H, W), from a state of :meth:`forward_intermediates`."""
         if states.dim() == 4:  # mlp: one class token per stream

@@ -120,6 +120,42 @@ class HolisticCLIP(nn.Module):
         """Per-branch class-token attention over patches in the last block, (B, H, gh, gw)."""
         return self.visual.attention_maps(images)
 
+    def encode_image_tokens(
+        self,
+        images: torch.Tensor,
+        branch: str | int | None = None,
+        layer: int | Sequence[int] = -2,
+        all_class_tokens: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Token states (B, T, W) of the image tower at ``layer``, as a multimodal LLM reads them
+        (LLaVA: the penultimate layer's class and patch tokens).
+
+        ``layer`` indexes the L + 1 hidden states as Hugging Face's ``hidden_states`` and LLaVA's
+        ``vision_feature_layer`` do: 0 is the embeddings (the first block's input, after
+        ``ln_pre``), k >= 1 the output of block k - 1 (``forward_intermediates`` index k - 1),
+        negative k counts from the end (-1 the last block's output, -2 the penultimate's). A
+        list of layers gives a list of states, from one pass.
+
+        The tokens, in order: class tokens, then the P patch tokens in row-major order, as states
+        (no ``ln_post``):
+
+        * ``branch`` named (or its index): that branch's class token, then its patches, T = 1 + P
+          (CLIP's layout). Psi_CLS: class token h of the H, the shared patches. Psi_MLP: the
+          branch's own stream after the fork (block ``visual.fork_at``), the shared one before.
+        * ``branch`` named with ``all_class_tokens``: every branch's class token in
+          ``branch_names`` order, then the named branch's patches, T = H + P.
+        * ``branch=None``: every branch's class token, then the patches all branches share,
+          T = H + P; for Psi_CLS the state ``forward_intermediates`` returns as it is. Psi_MLP's
+          streams differ after its fork, so reading a layer there needs a named branch.
+
+        Before Psi_MLP's fork all branches read its one class token, which then appears H times
+        wherever H class tokens are returned, so T does not depend on the layer (LLaVA concatenates
+        several layers' tokens feature-wise).
+        """
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        states = self.visual.hidden_states(images, layers, branch_index(self.branch_names, branch), all_class_tokens)
+        return states[0] if isinstance(layer, int) else states
+
     def forward_intermediates(
         self,
         image: torch.Tensor,
@@ -164,6 +200,19 @@ class HolisticCLIP(nn.Module):
         return {**{f"transformer.{k}": v for k, v in text.transformer.state_dict().items()},
                 **{f"pooler.{k}": v for k, v in text.pooler.state_dict().items()}}
 
+    # -- sharing (holiclip.integrations.hub: safetensors, config, model card) -----------------
+    def save_pretrained(self, directory, **card):
+        """Weights, config and a model card README.md in ``directory``; ``load_model(directory)`` reads it."""
+        from ..integrations.hub import save_pretrained
+
+        return save_pretrained(self, directory, **card)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Uploads :meth:`save_pretrained`'s files to the Hugging Face Hub; load with ``hf-hub:<repo_id>``."""
+        from ..integrations.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def text_trunk_frozen(self) -> bool:
         if not self._is_hf_text():
             return False
@@ -181,3 +230,16 @@ class HolisticCLIP(nn.Module):
         if text_trunk_features is not None:
             out["text_features"] = self.text_head(text_trunk_features, normalize=True)
         return out
+
+
+def branch_index(names: Sequence[str], branch: str | int | None) -> int | None:
+    """``branch`` (a name in ``names`` or an index) as an index; None stays None."""
+    if branch is None:
+        return None
+    if isinstance(branch, int) and not isinstance(branch, bool):
+        if not 0 <= branch < len(names):
+            raise ValueError(f"branch index {branch} out of range: the model has {len(names)} branches {list(names)}")
+        return branch
+    if branch not in names:
+        raise ValueError(f"unknown branch {branch!r}; the model's branches are {list(names)}")
+    return list(names).index(branch)
