@@ -21,6 +21,10 @@ equal score, so a collapsed model that gives every pair the same score scores ze
 ``"optimistic"`` ranks it above them. Scores closer than ``tie_tol`` count as equal: float32
 rounding of the same dot product computed in two ways (a GEMM tile versus a direct dot) differs
 by far less than that for unit vectors, which keeps the result independent of chunking.
+``"clip-benchmark"`` (in :func:`recall_at_k`) takes the order ``torch.topk`` gives, as
+CLIP_benchmark's ``zeroshot_retrieval`` does, so its published numbers can be reproduced: the
+queries whose correct item ties with a wrong one (the two rules above disagree) are scored again
+as CLIP_benchmark scores them (``texts @ images.T``, ``topk`` per k); the others need no order.
 
 Equivalent images. ``image_groups`` (one group id per image) widens what counts as correct:
 a text's correct images are all images in its image's group, and an image's correct texts are
@@ -37,7 +41,8 @@ from tqdm.auto import tqdm
 
 from ..models.fusion import fuse
 
-TIE_RULES = ("pessimistic", "optimistic")
+RANK_TIE_RULES = ("pessimistic", "optimistic")  # a rank per query, the same for every k
+TIE_RULES = RANK_TIE_RULES + ("clip-benchmark",)  # topk's order: a hit per query and k
 DEFAULT_BLOCK_ELEMENTS = 2**25  # scores per chunk: 128 MB in float32
 PAIR_BLOCK_ELEMENTS = 2**22  # gathered feature values per step when scoring correct pairs
 
@@ -157,8 +162,9 @@ def retrieval_ranks(
     ``timings``, when a dict, receives ``setup_s`` (correct-pair scores) and ``chunks_s``
     (the streamed pass) in seconds.
     """
-    if ties not in TIE_RULES:
-        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+    if ties not in RANK_TIE_RULES:
+        raise ValueError(f"retrieval_ranks: ties must be one of {RANK_TIE_RULES}, got {ties!r}"
+                         + (" (recall_at_k takes it)" if ties in TIE_RULES else ""))
     if image_features.dim() != 2 or text_features.dim() != 2:
         raise ValueError("retrieval_ranks wants (N_img, D) and (N_txt, D) features")
     if image_features.shape[1] != text_features.shape[1]:
@@ -220,11 +226,63 @@ def recall_at_k(
     text_to_image: (N_txt,) image row of each text. Images without any text are left out of
     the image-to-text average. See the module docstring for ties and ``image_groups``.
     """
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
     images = prepare_image_features(image_features, fusion, branches, names)
+    if ties == "clip-benchmark":
+        return _recall_topk_order(images, text_features, text_to_image, ks, image_groups, tie_tol, chunk_size, progress, timings)
     i2t, t2i = retrieval_ranks(
         images, text_features, text_to_image, image_groups, ties, tie_tol, chunk_size, progress, timings
     )
     return recall_from_ranks(i2t, t2i, ks)
+
+
+def _recall_topk_order(images, texts, text_to_image, ks, image_groups, tie_tol, chunk_size, progress, timings):
+    """Recall with CLIP_benchmark's tie rule. A query whose pessimistic and optimistic ranks agree
+    has no wrong item tied with its best correct one, so any top-k holds a correct item exactly
+    when that rank is below k; only the others need ``topk``, on scores computed as
+    CLIP_benchmark computes them (``texts @ images.T``; image queries read its columns)."""
+    pess = retrieval_ranks(images, texts, text_to_image, image_groups, "pessimistic", tie_tol, chunk_size, progress, timings)
+    opt = retrieval_ranks(images, texts, text_to_image, image_groups, "optimistic", tie_tol, chunk_size, progress)
+    dtype = torch.promote_types(torch.promote_types(images.dtype, texts.dtype), torch.float32)
+    images, texts = images.to(dtype), texts.to(images.device, dtype)
+    n_img, n_txt = images.shape[0], texts.shape[0]
+    pairs = positive_pairs(_as_index(text_to_image, n_txt, n_img), image_groups, n_img)  # (image, text)
+    out: dict[str, float] = {}
+    for d, (direction, n_cols) in enumerate((("i2t", n_txt), ("t2i", n_img))):
+        ranks = pess[d]
+        hits = {k: ranks < k for k in ks}
+        tied = ((pess[d] != opt[d]) & (ranks >= 0)).nonzero().flatten()
+        step = chunk_size or max(1, DEFAULT_BLOCK_ELEMENTS // max(1, n_cols))
+        query, item = (pairs[:, 0], pairs[:, 1]) if direction == "i2t" else (pairs[:, 1], pairs[:, 0])
+        for s in range(0, tied.numel(), step):
+            block = tied[s : s + step]
+            scores = (texts @ images[block].T).T if direction == "i2t" else texts[block] @ images.T
+            row = torch.full((ranks.numel(),), -1, dtype=torch.long)
+            row[block] = torch.arange(block.numel())
+            mine = row[query] >= 0
+            positive = torch.zeros(block.numel(), n_cols, dtype=torch.bool)
+            positive[row[query[mine]], item[mine]] = True
+            for k in ks:
+                top = torch.topk(scores, min(k, n_cols), dim=1).indices.cpu()
+                hits[k][block] = positive.gather(1, top).any(1)
+        valid = ranks >= 0  # images without texts are left out, as with the other rules
+        for k in ks:
+            out[f"{direction}_R@{k}"] = float(hits[k][valid].double().mean()) if valid.any() else float("nan")
+    return out
+
+
+def dense_ranks(scores: torch.Tensor, positive: torch.Tensor, ties: str = "pessimistic", tie_tol: float = 1e-6) -> torch.Tensor:
+    """Rank of the best correct item per row of a dense (queries, items) score block, by the
+    rule of :func:`retrieval_ranks` (the wrong items scoring at least as high, or higher);
+    -1 for a row without a correct item. ``positive``: bool, the same shape."""
+    if ties not in RANK_TIE_RULES:
+        raise ValueError(f"dense_ranks: ties must be one of {RANK_TIE_RULES}, got {ties!r}")
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)
+    wrong = scores.masked_fill(positive, float("-inf"))
+    count = (wrong >= best - tie_tol) if ties == "pessimistic" else (wrong > best + tie_tol)
+    return torch.where(positive.any(1), count.sum(1), torch.full_like(count.sum(1), -1))
 
 
 def recall_from_ranks(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

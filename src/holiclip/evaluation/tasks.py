@@ -88,7 +88,10 @@ def retrieval_task(
     limit: int | None = None,
     progress: bool = False,
     task: str = "zeroshot_retrieval",
+    ties: str = "pessimistic",
 ) -> dict:
+    """``ties``: how a correct item tied with wrong ones ranks (see :mod:`.retrieval`): pessimistic
+    (below them), optimistic, or clip-benchmark (``torch.topk``'s order, as CLIP_benchmark)."""
     ds = load_retrieval(data, fmt, image_root, split, slots, text_field, limit)
     variants = branch_variants(em.branch_names, fusion, branches, per_branch)
     skipped: list[dict] = []
@@ -101,7 +104,7 @@ def retrieval_task(
     for label, mode, subset in variants:
         m = recall_at_k(
             images, texts.features, ds.text_to_image, ks, mode, subset, em.branch_names, groups,
-            chunk_size=chunk_size, progress=progress,
+            ties=ties, chunk_size=chunk_size, progress=progress,
         )
         # CLIP_benchmark's names: image retrieval = text query (t2i), text retrieval = image query (i2t)
         m |= {f"image_retrieval_recall@{k}": m[f"t2i_R@{k}"] for k in ks}
@@ -111,7 +114,7 @@ def retrieval_task(
     return _result(
         task, ds.name, em, rows, fusion, branches, columns,
         images=len(ds.images), texts=len(ds.texts), text_stats=texts.summary(), long_text=long_text,
-        identical_captions_as_hits=identical_captions_as_hits, skipped_images=skipped,
+        identical_captions_as_hits=identical_captions_as_hits, ties=ties, skipped_images=skipped,
     )
 
 
