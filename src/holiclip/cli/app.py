@@ -22,6 +22,8 @@ _GROUPS = [
     ("holiclip.cli.eval", "app", "eval", "Evaluate a checkpoint: retrieval, zero-shot, dense, diversity."),
     ("holiclip.cli.explain", "app", "explain", "Per-branch attention maps of an image."),
     ("holiclip.cli.demo", "app", "demo", "CLIP vs O2M vs Holistic CLIP on the built-in emoji benchmark."),
+    ("holiclip.cli.search", "embed", "embed", "Embed a collection of images: per-branch and fused faiss indexes."),
+    ("holiclip.cli.search", "search", "search", "Search an embedded collection by text or example image, per branch."),
 ]
 
 for module_name, attr, name, help_text in _GROUPS:

@@ -356,7 +356,8 @@ def encode_text_query(model, tokenizer, texts: Sequence[str], device="cpu") -> t
 def encode_image_query(model, transform, image, target: str, device="cpu") -> torch.Tensor:
     """(1, D): the query image's embedding in the same space as the collection's ``target``
     (that branch of it, or its branches fused the same way)."""
-    feats = encode_images(model, [str(image) if isinstance(image, Path) else image], transform, device=device)
+    # read here: an unreadable query is one error naming the file
+    feats = encode_images(model, [read_image(str(image) if isinstance(image, Path) else image)], transform, device=device)
     names = list(model.branch_names)
     if target in names:
         return feats[:, names.index(target)]
