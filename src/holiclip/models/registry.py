@@ -40,7 +40,11 @@ def register_model_config(name: str, config: dict | str | Path) -> None:
 
 def get_model_config(name: str) -> dict:
     configs = {**_builtin_configs(), **_EXTRA_CONFIGS}
-    if name in configs:
+    if name.startswith("hf-hub:"):  # the architecture saved with a Hub model (open_clip's naming)
+        from ..integrations.hub import hub_model_config
+
+        cfg = hub_model_config(name)
+    elif name in configs:
         cfg = configs[name]
     else:
         cfg = open_clip.get_model_config(name)
@@ -245,21 +249,24 @@ def save_model(model: HolisticCLIP, directory: str | Path, extra: dict | None = 
         **(extra or {}),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # the config also travels inside the weights file, so model.safetensors alone loads
+    metadata = {"format": "pt", "holiclip_config": json.dumps(config)}
     with atomic_path(directory / EXPORT_WEIGHTS) as tmp:
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata=metadata)
     with atomic_path(directory / EXPORT_CONFIG) as tmp:
         tmp.write_text(json.dumps(config, indent=2))
     return directory
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> HolisticCLIP:
-    """Loads what :func:`save_model` wrote (a folder, or the ``model.safetensors`` inside it)."""
-    path = Path(path)
-    directory = path if path.is_dir() else path.parent
-    cfg_file = directory / EXPORT_CONFIG
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} not found: not a holiclip model folder")
-    config = read_json(cfg_file)
+def load_model(src: str | Path, device: str | torch.device = "cpu", revision: str | None = None) -> HolisticCLIP:
+    """Loads a model from a model folder (what :func:`save_model` writes), a run folder (its
+    ``model/``, else its latest checkpoint, with a warning), a ``.safetensors`` file (config in its
+    metadata or beside it), a ``step_*.pt`` training checkpoint, or ``hf-hub:ORG/NAME[@REVISION]``.
+    The training config and evaluation results found there are kept in ``model.holiclip_meta``."""
+    from ..integrations.hub import resolve
+
+    source = resolve(src, revision=revision)
+    config = source.config
     name = config["model"]
     if config.get("model_config") and name not in list_models():
         register_model_config(name, config["model_config"])
@@ -270,5 +277,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Holistic
         mlp_layers=config.get("mlp_layers"),
         pretrained_text=False,
     )
-    load_holistic_state(model, load_state_dict(directory / EXPORT_WEIGHTS))
+    state = load_state_dict(source.weights) if source.weights is not None else {
+        k[len("module."):] if k.startswith("module.") else k: v for k, v in source.state.items()}
+    load_holistic_state(model, state)
+    model.holiclip_meta = {"source": source.origin, "train_config": config.get("train_config"),
+                           "eval_results": source.eval_results, "notes": source.notes}
     return model.to(device)
