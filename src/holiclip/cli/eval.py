@@ -28,6 +28,8 @@ StratifiedLimit = Annotated[Optional[int], typer.Option(
     "--limit", help="Only N images (quick checks): a seeded subset taking every class in turn.")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
 Templates = Annotated[str, typer.Option("--templates", help="openai | simple | a file with one '{}' template per line.")]
+Ties = Annotated[str, typer.Option("--ties", help="A correct item tied with wrong ones: pessimistic (ranks below them), "
+                                   "optimistic, or clip-benchmark (torch.topk's order, as CLIP_benchmark).")]
 
 
 def _run(task: str, checkpoint, model, pretrained, device, out, percent: bool = True, **options) -> dict:
@@ -73,6 +75,7 @@ def retrieval(
     branches: Branches = None,
     per_branch: PerBranch = False,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Images per score block (default: about 32M scores).")] = None,
+    ties: Ties = "pessimistic",
     batch_size: BatchSize = 64,
     workers: Workers = 0,
     limit: Limit = None,
@@ -84,8 +87,8 @@ def retrieval(
     _run(
         "retrieval", checkpoint, model, pretrained, device, out, data=data, fmt=fmt, image_root=image_root, split=split,
         slots=comma_list(slots), text_field=text_field, long_text=long_text, identical_captions_as_hits=identical_as_hits,
-        fusion=fusion, branches=comma_list(branches), per_branch=per_branch, chunk_size=chunk_size, batch_size=batch_size,
-        num_workers=workers, limit=limit, progress=progress,
+        fusion=fusion, branches=comma_list(branches), per_branch=per_branch, chunk_size=chunk_size, ties=ties,
+        batch_size=batch_size, num_workers=workers, limit=limit, progress=progress,
     )
 
 
@@ -186,3 +189,24 @@ def diversity(
         "diversity", checkpoint, model, pretrained, device, out, percent=False, data=data, slots=comma_list(slots),
         limit=limit, progress=progress,
     )
+
+
+@app.command("clip-benchmark", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def clip_benchmark(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="holiclip model folder (or its model.safetensors).")],
+    fusion: Fusion = "mean",
+    branches: Branches = None,
+    ties: Annotated[str, typer.Option("--ties", help="clip-benchmark (torch.topk's order: its published numbers) or "
+                                      "pessimistic (ties ranked below, as holiclip eval retrieval).")] = "clip-benchmark",
+) -> None:
+    """CLIP_benchmark's own evaluation on a holiclip model: `holiclip eval clip-benchmark -c DIR -- --dataset
+    wds/NAME --dataset_root ... --task zeroshot_retrieval` (any `clip_benchmark eval` arguments after `--`)."""
+    from holiclip.integrations.clip_benchmark import BenchError, run_clip_benchmark
+
+    try:
+        status = run_clip_benchmark(checkpoint, ctx.args, fusion, comma_list(branches), ties)
+    except (BenchError, FileNotFoundError, KeyError, ValueError, AssertionError) as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(status)
