@@ -87,7 +87,7 @@ def test_bad_sources_name_the_path(tmp_path, case):
         path, match = tmp_path / "notes.txt", "neither .safetensors nor a step_\\*.pt checkpoint"
         path.write_text("hello")
     elif case == "damaged checkpoint":
-        path, match = tmp_path / "step_00000001.pt", "unreadable training checkpoint"
+        path, match = tmp_path / "step_00000001.pt", "is unreadable .* truncated or corrupt"
         path.write_bytes(b"\x80\x02garbage")
     else:
         path, match = tmp_path, "not a holiclip config \\(missing encoder, branches\\)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ WEIGHTS_FILE = "model.safetensors"
 EVAL_FILE = "eval.json"
 CARD_FILE = "README.md"
 METADATA_KEY = "holiclip_config"
-CHECKPOINT_RE = re.compile(r"step_(\d+)\.pt$")
 DEFAULT_LICENSE = "apache-2.0"  # holiclip's own; the weights' licence is the owner's call (push_to_hub(license=...))
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,9 @@ def resolve(src: str | Path, revision: str | None = None) -> ModelSource:
             source = _from_model_folder(path / "model")
             source.eval_results = source.eval_results or _read_eval(path)
             return source
-        checkpoints = _checkpoints(path / "checkpoints") or _checkpoints(path)
+        from ..training.checkpoint import list_checkpoints
+
+        checkpoints = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
         if checkpoints:
             latest = checkpoints[-1]
             log.warning("warning: %s has no final model (model/); loading its latest checkpoint %s", path, latest)
@@ -82,15 +82,12 @@ def resolve(src: str | Path, revision: str | None = None) -> ModelSource:
                                f"checkpoints/step_*.pt; expected {EXPECTED}")
     if path.suffix == ".safetensors":
         return _from_safetensors(path)
-    if CHECKPOINT_RE.search(path.name):
+    from ..training.checkpoint import CKPT_RE
+
+    if CKPT_RE.search(path.name):
         return _from_checkpoint(path, run_dir=path.parent.parent if path.parent.name == "checkpoints" else None)
     raise ModelSourceError(f"{path}: a file that is neither .safetensors nor a step_*.pt checkpoint; "
                            f"expected {EXPECTED}")
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := CHECKPOINT_RE.search(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def _read_eval(folder: Path) -> dict | None:
@@ -128,15 +125,12 @@ def _from_safetensors(path: Path) -> ModelSource:
 
 
 def _from_checkpoint(path: Path, run_dir: Path | None) -> ModelSource:
-    import torch
+    from ..training.checkpoint import CheckpointError, load_checkpoint  # weights_only, names the file
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # damaged files raise EOFError, RuntimeError, UnpicklingError, ...
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelSourceError(f"{path}: unreadable training checkpoint ({reason})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ModelSourceError(f"{path}: not a holiclip training checkpoint (no 'model' state)")
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ModelSourceError(str(err)) from None
     train_config = state.get("config")
     if train_config is None and run_dir is not None and (run_dir / "config.yaml").is_file():
         import yaml
