@@ -181,3 +181,20 @@ def test_bad_options_are_named(tiny_checkpoint, options, message):
     res = runner.invoke(app, ["eval", "clip-benchmark", "-c", str(tiny_checkpoint), *options])
     assert res.exit_code == 2 and message in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_linear_probe_without_cuda_says_so(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = runner.invoke(app, ["eval", "clip-benchmark", "-c", str(tiny_checkpoint), "--", "--dataset", "wds/x",
+                              "--task", "linear_probe"])
+    assert res.exit_code == 2 and "linear probe runs on CUDA only" in res.output, res.output
+
+
+def test_clip_benchmark_assertion_names_its_place(tmp_path, emoji, tiny_checkpoint):
+    """A retrieval set asked for classification: CLIP_benchmark's bare assert, named, no traceback."""
+    wds, _ = _retrieval_sets(emoji, tmp_path, lambda r: [r["captions"]["main"]])
+    res = runner.invoke(app, ["eval", "clip-benchmark", "-c", str(tiny_checkpoint), "--", "--dataset", "wds/emoji",
+                              "--dataset_root", str(wds), "--task", "zeroshot_classification", "--num_workers", "0",
+                              "--output", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "error: CLIP_benchmark stopped at datasets/builder.py:" in res.output, res.output
+    assert "Classes not specified for wds/emoji" in res.output and "Traceback" not in res.output

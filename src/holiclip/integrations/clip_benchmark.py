@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -185,6 +186,11 @@ def run_clip_benchmark(
     register()
     from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 
+    task = next((a.split("=", 1)[1] if "=" in a else nxt for a, nxt in zip(args, args[1:] + [""])
+                 if a.split("=", 1)[0] == "--task"), None)
+    if task == "linear_probe" and not torch.cuda.is_available():
+        raise BenchError("CLIP_benchmark's linear probe runs on CUDA only (its linear_probe.evaluate asserts "
+                         "device == 'cuda'); no CUDA device here")
     name = model_name_for(fusion, branches)
     parse_model_name(name)  # a bad fusion fails here, before any data is read
     argv = ["clip_benchmark", "eval", *args, "--model_type", MODEL_TYPE, "--model", name, "--pretrained", str(checkpoint)]
@@ -197,4 +203,9 @@ def run_clip_benchmark(
         stack.enter_context(_patched(zeroshot_classification, "accuracy", topk_accuracy))
         if ties == "pessimistic":
             stack.enter_context(_patched(zeroshot_retrieval, "recall_at_k", pessimistic_recall_at_k))
-        return cb.cli.main() or 0
+        try:
+            return cb.cli.main() or 0
+        except AssertionError as err:  # its checks are bare asserts: name where it stopped
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            where = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}"
+            raise BenchError(f"CLIP_benchmark stopped at {where}: {err or frame.line}") from None
