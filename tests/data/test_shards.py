@@ -236,3 +236,19 @@ def test_iter_texts_reads_json_only(tmp_path, monkeypatch):
     monkeypatch.setattr(shards_mod, "open_image", lambda *a: pytest.fail("an image was decoded"))
     texts = list(stream(tmp_path).iter_texts())
     assert len(texts) == 7 * len(SLOTS) and sorted({number(t) for t in texts[::3]}) == list(range(7))
+
+
+def test_items_decode_and_augment_as_the_map_style_dataset(tmp_path):
+    from holiclip.data.loader import MultiTextDataset, load_manifest
+
+    from tests.helpers.datasets import make_dataset
+
+    write_shards(tmp_path / "shards", [5, 7], image_size=64)
+    manifest = load_manifest(make_dataset(tmp_path / "jsonl", n=12), SLOTS)  # the same samples, rows in shard order
+    mapped = MultiTextDataset(manifest, noisy, seed=3)
+    mapped.set_epoch(2)
+    (batch,) = epoch_batches(stream(tmp_path / "shards", batch_size=12, transform=noisy, seed=3), epoch=2)
+    for image, texts, index in zip(batch["images"], batch["texts"], batch["index"].tolist()):
+        item = mapped[index]
+        assert texts == item["texts"] and number(texts[0]) == index
+        assert torch.equal(image, item["image"])  # same decode, same seeded draw per (seed, epoch, sample)

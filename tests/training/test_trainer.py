@@ -232,8 +232,12 @@ trainer.train(load_config(sys.argv[1]))
 
 
 def test_shards_killed_mid_epoch_then_resumed_train_bit_identical(tmp_path):
-    write_shards(tmp_path / "shards", [9, 14, 7, 10])  # 40 samples: 5 batches of 8 an epoch, step 3 mid-epoch 0
-    stream = ["data.workers=2", "data.shuffle_buffer=10", "optim.steps=6"]
+    def broken(i, sample):  # an unreadable image and a malformed json: replaced and counted
+        return {**sample, "png": b"broken"} if i == 5 else {**sample, "json": b"{"} if i == 17 else sample
+
+    write_shards(tmp_path / "shards", [9, 14, 7, 10], members=broken)  # 5 batches of 8 an epoch: step 3 mid-epoch
+    stream = ["data.workers=2", "data.shuffle_buffer=10", "optim.steps=6", "data.on_bad_row=skip",
+              "data.max_bad_fraction=0.5"]
     full = train(cfg_for(tmp_path, tmp_path / "shards", tmp_path / "full", *stream))
     part = cfg_for(tmp_path, tmp_path / "shards", tmp_path / "part", *stream)
     save_config(part, tmp_path / "part.yaml")
@@ -252,6 +256,7 @@ def test_shards_killed_mid_epoch_then_resumed_train_bit_identical(tmp_path):
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "part" / "model").exists()
     resumed = train(part, resume="latest")
     assert resumed["trained_steps"] == 3 and resumed["counters"] == full["counters"]
+    assert full["counters"]["bad"] >= 1 and full["counters"]["bad_rows"] >= 1
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

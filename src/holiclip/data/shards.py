@@ -164,7 +164,7 @@ def read_shard(url: str, lo: int = 0, hi: int | None = None, text_only: bool = F
                     continue
                 if errors or (hi is not None and i >= hi):
                     break  # after an error the sample being assembled may lack members
-                while nxt < i:  # not reached: the counter follows group_by_keys
+                while nxt < i:  # samples with no member selected (text_only: an image alone)
                     yield nxt, Missing("not found in the shard")
                     nxt += 1
                 yield i, sample
@@ -443,12 +443,14 @@ class ShardStream(IterableDataset):
         plan = self.plan(self.epoch)
         streams: dict[int, _Stream] = {}
         try:
-            for b in range(self.start_batch + worker, plan.batches, num_workers):
+            for made, b in enumerate(range(self.start_batch + worker, plan.batches, num_workers), 1):
                 v, local = b % plan.streams, b // plan.streams
                 if v not in streams:
                     start, length = plan.stream_range(self.rank, v, self.batch_size)
                     streams[v] = _Stream(self, plan, start, length, _seed(self.seed, self.epoch, self.rank, v))
                 yield streams[v].batch(local)
+                if made % 32 == 0:
+                    _trim_heap()
         except DataError as err:  # handed to the training process as data, raised there without a traceback
             yield {"error": str(err)}
         finally:
@@ -512,7 +514,9 @@ class ShardStream(IterableDataset):
         try:
             image = open_image(raw[ext], self.max_pixels)
             with torch.random.fork_rng(devices=[]):  # as MultiTextDataset: a crop per (seed, epoch, sample)
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                # the CPU generator alone, as torch.manual_seed seeds it; torch.manual_seed also queues
+                # the seeding of every accelerator with a stack trace each (~1.5 ms a sample)
+                torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
                 return self.transform(image)
         except UNREADABLE as err:
             reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err)).removeprefix("<image bytes>: ")
@@ -528,6 +532,25 @@ class ShardStream(IterableDataset):
 
 def _as_is(batch):
     return batch
+
+
+def _trim_heap() -> None:
+    """Hands the heap pages freed by the buffer's churn back to the system (glibc keeps them: samples
+    held for random spans fragment its heap, and a worker's RSS would creep up over a long epoch)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)
+
+
+_LIBC = None
 
 
 class StreamLoader:
