@@ -52,9 +52,9 @@ def relevant(row: dict, kind: str, value) -> bool:
     return main_object(row) == value
 
 
-def precision(index: SearchIndex, rows: dict, queries: torch.Tensor, kind: str, values: list[str], target: str, k: int):
+def precision(index: SearchIndex, rows: dict, queries: torch.Tensor, match, values: list, target: str, k: int):
     hits = index.search(queries, target, k=k)
-    return float(np.mean([np.mean([relevant(rows[h.id], kind, v) for h in hs]) for hs, v in zip(hits, values)]))
+    return float(np.mean([np.mean([match(rows[h.id], v) for h in hs]) for hs, v in zip(hits, values)]))
 
 
 def draw(path: Path, panels: list[dict], rows: dict, k: int) -> None:
@@ -136,8 +136,14 @@ def main(argv=None) -> int:
         ("object", objects, [f"The main object is a {o}." for o in objects], "main"),
     ):
         q = encode_text_query(em.model, em.tokenizer, texts)
+        match = lambda row, v, kind=kind: relevant(row, kind, v)  # noqa: E731
         sweep[kind] = {"queries": len(values), "example": texts[0],
-                       **{t: precision(index, rows, q, kind, values, t, args.k) for t in (branch, "fused-mean")}}
+                       **{t: precision(index, rows, q, match, values, t, args.k) for t in (branch, "fused-mean")}}
+        if kind == "background":  # the colour family alone, pattern aside
+            family = lambda row, v: row["background_name"] == v[0]  # noqa: E731
+            sweep["background colour only"] = {
+                "queries": len(values), "example": texts[0],
+                **{t: precision(index, rows, q, family, values, t, args.k) for t in (branch, "fused-mean")}}
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     draw(args.out, panels, rows, args.k)
