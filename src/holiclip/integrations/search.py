@@ -79,10 +79,17 @@ def _chunk_path(out: Path, i: int) -> Path:
     return out / "chunks" / f"{i:06d}.npz"
 
 
-def _read_chunk(path: Path) -> dict:
+def _read_chunk(path: Path, *members: str) -> dict:
+    """The named members only (an .npz reads each on access): the features of all chunks together
+    may not fit in memory."""
     with np.load(path, allow_pickle=False) as z:
-        return {"features": z["features"], "ids": [str(s) for s in z["ids"]],
-                "keys": [str(s) for s in z["keys"]], "skipped": json.loads(str(z["skipped"]))}
+        out = {m: z[m] for m in members}
+    for m in ("ids", "keys"):
+        if m in out:
+            out[m] = [str(s) for s in out[m]]
+    if "skipped" in out:
+        out["skipped"] = json.loads(str(out["skipped"]))
+    return out
 
 
 def _save_chunk(path: Path, keys: list[str], ids: list[str], features: np.ndarray, skipped: list[dict]) -> None:
@@ -163,7 +170,7 @@ def embed_collection(
         path = _chunk_path(out, i)
         keys = [it.key for it in items]
         if path.exists():
-            if _read_chunk(path)["keys"] != keys:
+            if _read_chunk(path, "keys")["keys"] != keys:
                 raise SearchError(f"{path}: its images differ from the source's images {i * chunk_size}-"
                                   f"{i * chunk_size + len(keys) - 1} ({source.src} changed); use a new --out")
             resumed += 1
@@ -189,7 +196,7 @@ def embed_collection(
         raise SearchError(f"{source.src}: no images found")
     if resumed:
         log.info("resumed: %d of %d chunks were already embedded in %s", resumed, len(chunk_files), out)
-    return _finish(out, chunk_files, model, job, fusion, ivf)
+    return _finish(out, chunk_files, job, fusion, ivf)
 
 
 def _why_unreadable(image) -> str:
@@ -209,14 +216,14 @@ def _open_source(images) -> ImageSource:
         raise SearchError(str(err)) from None
 
 
-def _finish(out: Path, chunk_files: list[Path], model, job: dict, fusion: list[str], ivf: int | None) -> dict:
+def _finish(out: Path, chunk_files: list[Path], job: dict, fusion: list[str], ivf: int | None) -> dict:
     """Chunks -> one memory-mappable array per branch / fusion mode, and its faiss index."""
-    metas = [_read_chunk(p) for p in chunk_files]
+    metas = [_read_chunk(p, "ids", "skipped") for p in chunk_files]
     ids = [k for m in metas for k in m["ids"]]
     skipped = [s for m in metas for s in m["skipped"]]
     if not ids:
         raise SearchError(f"{job['source']}: none of the {len(skipped)} images is readable")
-    dim = next(m["features"].shape[2] for m in metas if len(m["ids"]))
+    dim = next(_read_chunk(p, "features")["features"].shape[2] for p, m in zip(chunk_files, metas) if m["ids"])
     n = len(ids)
     if ivf is not None and ivf > n:
         raise SearchError(f"--ivf {ivf} needs at least {ivf} images to train on; the collection has {n}")
@@ -227,10 +234,10 @@ def _finish(out: Path, chunk_files: list[Path], model, job: dict, fusion: list[s
     arrays = {t: np.lib.format.open_memmap(out / "embeddings" / f"{t}.npy.tmp", mode="w+", dtype=np.float32,
                                            shape=(n, dim)) for t in targets}
     row = 0
-    for m in metas:
-        f = m["features"]
-        if not len(f):
+    for p, m in zip(chunk_files, metas):
+        if not m["ids"]:
             continue
+        f = _read_chunk(p, "features")["features"]
         for b, name in enumerate(names):
             arrays[name][row : row + len(f)] = f[:, b]
         for mode in fusion:
