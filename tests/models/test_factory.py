@@ -123,3 +123,12 @@ def test_saved_model_keeps_its_own_branches(tmp_path):
         holiclip.create_model_and_transforms(str(tmp_path / "m"), mlp_layers=2)
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         holiclip.create_model_and_transforms("holi-tiny", precision="fp8")
+
+
+def test_an_architecture_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    holiclip.save_model(holiclip.create_model("holi-tiny", branches=("web", "main")), tmp_path / "holi-tiny")
+    monkeypatch.chdir(tmp_path)
+    model, _, _ = holiclip.create_model_and_transforms("holi-tiny")
+    assert model.branch_names == ("global",)
+    model, _, _ = holiclip.create_model_and_transforms("./holi-tiny/")
+    assert model.branch_names == ("web", "main")

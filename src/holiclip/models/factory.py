@@ -17,7 +17,7 @@ from torch import nn
 
 from .fusion import FUSION_MODES, select_branches
 from .holistic import HolisticCLIP
-from .registry import create_model, get_transforms, load_model
+from .registry import create_model, get_model_config, get_transforms, load_model
 
 HF_HUB_PREFIX = "hf-hub:"
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "pure_fp16": torch.float16, "pure_bf16": torch.bfloat16}
@@ -71,6 +71,14 @@ def _is_saved_model(pretrained: str | None) -> bool:
     return pretrained is not None and (str(pretrained).startswith(HF_HUB_PREFIX) or Path(pretrained).is_dir())
 
 
+def _is_architecture(name: str) -> bool:
+    try:
+        get_model_config(name)
+    except KeyError:
+        return False
+    return True
+
+
 def create_model_and_transforms(
     model_name: str,
     pretrained: str | None = None,
@@ -98,7 +106,9 @@ def create_model_and_transforms(
     preprocess_train is open_clip's training transform, the one holiclip's trainer uses
     (``data.augment=true``); preprocess_val is its evaluation transform.
     """
-    saved = model_name if (model_name.startswith(HF_HUB_PREFIX) or Path(model_name).is_dir()) else (
+    # an architecture's name wins over a folder of the same name in the working directory
+    named_folder = Path(model_name).is_dir() and not _is_architecture(model_name)
+    saved = model_name if (model_name.startswith(HF_HUB_PREFIX) or named_folder) else (
         pretrained if _is_saved_model(pretrained) else None)
     if saved is not None:
         if kwargs:
