@@ -198,3 +198,8 @@ def test_clip_benchmark_assertion_names_its_place(tmp_path, emoji, tiny_checkpoi
                               "--output", str(tmp_path / "x.json")])
     assert res.exit_code == 2 and "error: CLIP_benchmark stopped at datasets/builder.py:" in res.output, res.output
     assert "Classes not specified for wds/emoji" in res.output and "Traceback" not in res.output
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    res = runner.invoke(app, ["eval", "clip-benchmark", "-c", str(tmp_path / "nope"), "--", "--dataset", "wds/x"])
+    assert res.exit_code == 2 and f"checkpoint not found: {tmp_path / 'nope'}" in res.output, res.output

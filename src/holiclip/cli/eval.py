@@ -194,7 +194,7 @@ def diversity(
 @app.command("clip-benchmark", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def clip_benchmark(
     ctx: typer.Context,
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="holiclip model folder (or its model.safetensors).")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="A model or run folder, a .safetensors file or hf-hub:ORG/NAME.")],
     fusion: Fusion = "mean",
     branches: Branches = None,
     ties: Annotated[str, typer.Option("--ties", help="clip-benchmark (torch.topk's order: its published numbers) or "

@@ -94,7 +94,7 @@ class FusedCLIP(torch.nn.Module):
 
 def load_holiclip(model_name: str, pretrained: str, cache_dir: str | None = None, device="cuda"):
     """CLIP_benchmark's loader signature. ``pretrained``: what :func:`holiclip.load_model` takes
-    (a model or run folder, its ``model.safetensors``); ``model_name``: the fusion, as the module
+    (a model or run folder, a ``.safetensors`` file, ``hf-hub:ORG/NAME``); ``model_name``: the fusion, as the module
     docstring says. ``cache_dir`` is not used (nothing is downloaded here)."""
     fusion, branches = parse_model_name(model_name)
     model = load_model(pretrained, device=device).eval()
@@ -180,7 +180,7 @@ def run_clip_benchmark(
         raise BenchError(f"{', '.join(taken)}: set from --checkpoint / --fusion / --branches by holiclip; leave them out")
     if ties not in (CB_TIES, "pessimistic"):
         raise BenchError(f"--ties must be {CB_TIES} or pessimistic, got {ties!r}")
-    if not Path(checkpoint).exists():
+    if not str(checkpoint).startswith("hf-hub:") and not Path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     cb = require_clip_benchmark()
     register()
