@@ -132,3 +132,14 @@ def test_an_architecture_name_wins_over_a_folder_of_that_name(tmp_path, monkeypa
     assert model.branch_names == ("global",)
     model, _, _ = holiclip.create_model_and_transforms("./holi-tiny/")
     assert model.branch_names == ("web", "main")
+
+
+def test_the_open_clip_view_saves_as_its_holistic_model(tmp_path):
+    view, _, _ = holiclip.create_model_and_transforms("holi-tiny", branches=["web", "main"])
+    view.save_pretrained(tmp_path / "a")
+    holiclip.save_model(view, tmp_path / "b")
+    for folder in ("a", "b"):
+        loaded = holiclip.load_model(tmp_path / folder)
+        assert loaded.state_dict().keys() == view.holistic.state_dict().keys()
+        for k, v in view.holistic.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[k], v)

@@ -244,6 +244,7 @@ def save_model(model: HolisticCLIP, directory: str | Path, extra: dict | None = 
     """Writes ``model.safetensors`` + ``holiclip_config.json`` (architecture and branches)."""
     from safetensors.torch import save_file
 
+    model = getattr(model, "holistic", model)  # create_model_and_transforms' open_clip view saves its model
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
