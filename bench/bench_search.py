@@ -56,7 +56,8 @@ def main() -> None:
                 m = min(chunk, args.n - s)
                 feats = unit(np.random.default_rng(s).standard_normal((m, args.dim)))[:, None]  # H = 1
                 path = SR._chunk_path(out, i)
-                SR._save_chunk(path, [f"img{j}" for j in range(s, s + m)], [f"img{j}" for j in range(s, s + m)], feats, [])
+                ids = [f"img{j}" for j in range(s, s + m)]
+                SR._save_chunk(path, ids, ids, feats, [])
                 files.append(path)
             job = {"checkpoint": "-", "model": "random", "branches": ["b"], "source": "-", "chunk_size": chunk}
             t0 = time.perf_counter()

@@ -39,7 +39,8 @@ def main_object(row: dict) -> str:
 
 # one background description per pattern, in the benchmark's caption wording
 PATTERNS = {
-    "solid": "A plain {} background.", "gradient": "A smooth {} gradient background.", "stripes": "Diagonal {} stripes.",
+    "solid": "A plain {} background.", "gradient": "A smooth {} gradient background.",
+    "stripes": "Diagonal {} stripes.",
     "noise": "A mottled {} background with a noisy texture.", "dots": "A {} background with polka dots.",
     "checker": "A {} checkerboard pattern.",
 }
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
         for target in (branch, "fused-mean"):
             hits = index.search(q, target, k=args.k)[0]
             p = float(np.mean([relevant(rows[h.id], kind, value) for h in hits]))
-            panels.append({"kind": kind, "query": query, "value": value, "target": target, "hits": hits, "precision": p})
+            panels.append({"kind": kind, "query": query, "value": value, "target": target, "hits": hits,
+                           "precision": p})
 
     # every background and every main object of the split as a query: not just the two above
     sweep = {}
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
     summary = {
         "model": str(args.model), "data": str(jsonl), "images": index.manifest["count"], "k": args.k,
         "queries": [{k: p[k] for k in ("kind", "query", "value", "target", "precision")}
-                    | {"results": [{"id": Path(h.id).name, "score": round(h.score, 4)} for h in p["hits"]]} for p in panels],
+                    | {"results": [{"id": Path(h.id).name, "score": round(h.score, 4)} for h in p["hits"]]}
+                    for p in panels],
         f"mean_precision_at_{args.k}": sweep,
     }
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -20,12 +20,17 @@ def _fail(err: Exception) -> None:
 
 def embed(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="holiclip model folder.")],
-    images: Annotated[str, typer.Option("--images", help="Image folder, text list of paths, JSONL with an 'image' field, or webdataset shards (a folder of .tar or a brace pattern).")],
+    images: Annotated[str, typer.Option("--images", help=(
+        "Image folder, text list of paths, JSONL with an 'image' field, or webdataset shards "
+        "(a folder of .tar or a brace pattern)."))],
     out: Annotated[Path, typer.Option("--out", "-o", help="INDEX folder to write (a re-run resumes it).")],
-    fusion: Annotated[str, typer.Option("--fusion", help="Comma-separated fusion modes to store: mean, mean-logits, max, norm-max.")] = "mean",
-    ivf: Annotated[Optional[int], typer.Option("--ivf", help="IVF index with this many lists (for millions of images) instead of the exact flat one.")] = None,
+    fusion: Annotated[str, typer.Option("--fusion", help=(
+        "Comma-separated fusion modes to store: mean, mean-logits, max, norm-max."))] = "mean",
+    ivf: Annotated[Optional[int], typer.Option("--ivf", help=(
+        "IVF index with this many lists (for millions of images) instead of the exact flat one."))] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Images per saved chunk (the unit of resuming).")] = 2048,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help=(
+        "Images per saved chunk (the unit of resuming)."))] = 2048,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding processes.")] = 0,
     device: Device = "cpu",
 ) -> None:
@@ -43,24 +48,30 @@ def embed(
     except (SearchError, FileNotFoundError, ValueError) as err:
         _fail(err)
     skipped = f", {manifest['skipped']} unreadable (see {out / 'skipped.json'})" if manifest["skipped"] else ""
-    typer.echo(f"embedded {manifest['count']} images{skipped}: {len(manifest['faiss'])} {manifest['index']['kind']} "
-               f"indexes ({', '.join(manifest['faiss'])}) in {out}")
+    typer.echo(f"embedded {manifest['count']} images{skipped}: {len(manifest['faiss'])} "
+               f"{manifest['index']['kind']} indexes ({', '.join(manifest['faiss'])}) in {out}")
 
 
 def search(
     index: Annotated[Path, typer.Argument(help="INDEX folder written by `holiclip embed`.")],
     query: Annotated[Optional[str], typer.Argument(help="Text query.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="Search by this example image instead of a text.")] = None,
-    branch: Annotated[Optional[str], typer.Option("--branch", "-b", help="Search this branch's embeddings (e.g. background).")] = None,
-    fusion: Annotated[Optional[str], typer.Option("--fusion", help="Search a fused embedding stored at embed time (default: the first).")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help=(
+        "Search by this example image instead of a text."))] = None,
+    branch: Annotated[Optional[str], typer.Option("--branch", "-b", help=(
+        "Search this branch's embeddings (e.g. background)."))] = None,
+    fusion: Annotated[Optional[str], typer.Option("--fusion", help=(
+        "Search a fused embedding stored at embed time (default: the first)."))] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
-    nprobe: Annotated[Optional[int], typer.Option("--nprobe", min=1, help="IVF lists to visit (default a tenth).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option("--nprobe", min=1, help=(
+        "IVF lists to visit (default a tenth)."))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Model to encode the query (default: the one in the index's manifest).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help=(
+        "Model to encode the query (default: the one in the index's manifest)."))] = None,
     device: Device = "cpu",
 ) -> None:
     """Search an embedded collection by a text or an example image, on one branch or fused."""
-    from holiclip.integrations.search import SearchError, SearchIndex, encode_image_query, encode_text_query, require_faiss
+    from holiclip.integrations.search import (SearchError, SearchIndex, encode_image_query, encode_text_query,
+                                              require_faiss)
 
     try:
         if (query is None) == (image is None):
@@ -83,7 +94,8 @@ def search(
         _fail(err)
     what = f"image {image}" if image is not None else repr(query)
     if as_json:
-        typer.echo(json.dumps({"query": str(image) if image is not None else query, "kind": "image" if image else "text",
+        typer.echo(json.dumps({"query": str(image) if image is not None else query,
+                               "kind": "image" if image is not None else "text",
                                "target": target, "index": str(index),
                                "results": [{"rank": h.rank, "score": h.score, "id": h.id} for h in hits]}, indent=1))
         return

@@ -345,7 +345,8 @@ class SearchIndex:
             index.nprobe = nprobe or max(1, index.nlist // 10)
         return index
 
-    def search(self, queries: np.ndarray | torch.Tensor, target: str, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray | torch.Tensor, target: str, k: int = 10,
+               nprobe: int | None = None) -> list[list[Hit]]:
         """Top-k rows by inner product for each query vector (Q, D); fewer when the collection is smaller."""
         if k < 1:
             raise SearchError(f"-k must be at least 1, got {k}")
@@ -364,7 +365,8 @@ def encode_image_query(model, transform, image, target: str, device="cpu") -> to
     """(1, D): the query image's embedding in the same space as the collection's ``target``
     (that branch of it, or its branches fused the same way)."""
     # read here: an unreadable query is one error naming the file
-    feats = encode_images(model, [read_image(str(image) if isinstance(image, Path) else image)], transform, device=device)
+    picture = read_image(str(image) if isinstance(image, Path) else image)
+    feats = encode_images(model, [picture], transform, device=device)
     names = list(model.branch_names)
     if target in names:
         return feats[:, names.index(target)]
