@@ -196,3 +196,22 @@ def test_missing_faiss_names_the_extra(tmp_path, eval_model, tiny_checkpoint, mo
         _embed(eval_model, tiny_checkpoint, tmp_path, tmp_path / "idx")
     assert str(err.value) == "faiss is not installed: pip install 'holiclip[search]'"
     assert not (tmp_path / "idx").exists()  # refused before any encoding
+
+
+def test_jsonl_and_webdataset_sources(tmp_path, brute, eval_model, tiny_checkpoint, emoji_images):
+    from tests.helpers.shards import write_shards
+
+    paths, feats = brute
+    some = paths[:20]
+    jsonl = tmp_path / "list.jsonl"  # image paths relative to the JSONL's folder
+    jsonl.write_text("".join(json.dumps({"image": str(Path(p).relative_to(emoji_images.parent))}) + "\n"
+                             for p in some))
+    (tmp_path / "images").symlink_to(emoji_images)
+    shards = write_shards(tmp_path / "shards", [12, 8], members=lambda i, s: {"png": Path(some[i]).read_bytes()})
+    for src, ids in ((jsonl, [str(tmp_path / "images" / Path(p).relative_to(emoji_images)) for p in some]),
+                     (tmp_path / "shards", [f"{shards[i >= 12]}::{i:06d}" for i in range(20)])):
+        out = tmp_path / f"idx-{Path(src).stem}"
+        _embed(eval_model, tiny_checkpoint, src, out, chunk_size=7)
+        index = SR.SearchIndex.open(out)
+        assert index.ids == ids
+        np.testing.assert_allclose(index.embeddings("detail"), feats[:20, 1].numpy(), atol=1e-5)
