@@ -158,7 +158,7 @@ def test_loader_plugs_into_clip_benchmark(tiny_checkpoint):
     images = torch.stack([transform(Image.new("RGB", (50, 40), c)) for c in ("red", "teal")])  # its transform
     with torch.no_grad():
         fused = model.encode_image(images)
-        branches = model.model.encode_image(images, normalize=True)
+        branches = model.holistic.encode_image(images, normalize=True)
         text = model.encode_text(tokenizer(["a red apple", "a cat"]))
     assert fused.shape == (2, text.shape[1])
     assert torch.equal(fused, branches[:, 2])  # max over the one selected branch: the main branch
@@ -176,6 +176,7 @@ def test_missing_package_names_the_extra(tmp_path, tiny_checkpoint, monkeypatch)
     (["--", "--model", "ViT-B-32"], "--model: set from --checkpoint"),
     (["--fusion", "median", "--", "--dataset", "wds/x"], "unknown fusion 'median'"),
     (["--ties", "optimistic", "--", "--dataset", "wds/x"], "--ties must be clip-benchmark or pessimistic"),
+    (["--branches", "nope", "--", "--dataset", "wds/x", "--quiet"], "unknown branch 'nope'"),
 ])
 def test_bad_options_are_named(tiny_checkpoint, options, message):
     res = runner.invoke(app, ["eval", "clip-benchmark", "-c", str(tiny_checkpoint), *options])

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from ..evaluation.retrieval import dense_ranks
+from ..models.factory import FusedCLIP
 from ..models.fusion import FUSION_MODES
 from ..models.registry import get_tokenizer, get_transforms, load_model
 
@@ -68,38 +69,13 @@ def model_name_for(fusion: str = "mean", branches: Sequence[str] | None = None) 
     return fusion + ("@" + "+".join(branches) if branches else "")
 
 
-class FusedCLIP(torch.nn.Module):
-    """A HolisticCLIP as one CLIP: ``encode_image`` gives the fused (B, D) embedding
-    (:meth:`HolisticCLIP.encode_image_fused`), ``encode_text`` the (N, D) text embedding."""
-
-    def __init__(self, model, fusion: str = "mean", branches: Sequence[str] | None = None):
-        super().__init__()
-        unknown = [b for b in branches or () if b not in model.branch_names]
-        if unknown:
-            raise BenchError(f"unknown branches {unknown}; this model has {list(model.branch_names)}")
-        if fusion not in FUSION_MODES:
-            raise BenchError(f"unknown fusion {fusion!r}; choose from {list(FUSION_MODES)}")
-        self.model, self.fusion, self.branches = model, fusion, list(branches) if branches else None
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image_fused(images, self.fusion, self.branches)
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
-
-    @property
-    def logit_scale(self):
-        return self.model.logit_scale
-
-
 def load_holiclip(model_name: str, pretrained: str, cache_dir: str | None = None, device="cuda"):
     """CLIP_benchmark's loader signature. ``pretrained``: what :func:`holiclip.load_model` takes
     (a model or run folder, a ``.safetensors`` file, ``hf-hub:ORG/NAME``); ``model_name``: the fusion, as the module
     docstring says. ``cache_dir`` is not used (nothing is downloaded here)."""
     fusion, branches = parse_model_name(model_name)
     model = load_model(pretrained, device=device).eval()
-    wrapped = FusedCLIP(model, fusion, branches).to(device).eval()
-    return wrapped, get_transforms(model), get_tokenizer(model.model_name)
+    return FusedCLIP(model, fusion, branches).eval(), get_transforms(model), get_tokenizer(model.model_name)
 
 
 def register(model_type: str = MODEL_TYPE) -> None:
