@@ -181,6 +181,17 @@ def test_refused_upload_names_the_repo(monkeypatch):
         holiclip.push_to_hub(holiclip.create_model("holi-tiny"), "no-slash")
 
 
+def test_unreachable_hub_names_the_repo(monkeypatch):
+    class Offline(FakeHfApi):
+        def create_repo(self, repo_id, **kwargs):
+            # what huggingface_hub's HTTP client raises without a network
+            raise huggingface_hub.errors.HTTPError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    with pytest.raises(HubUploadError, match=r"push to hf-hub:someone/m failed: \[Errno -2\] Name or service"):
+        holiclip.push_to_hub(holiclip.create_model("holi-tiny"), "someone/m")
+
+
 def test_saved_config_is_portable(tmp_path):
     """A model whose text tower ships in a package stores the package reference, not this machine's
     path to it, so it loads wherever the package is installed (the Hub's point)."""

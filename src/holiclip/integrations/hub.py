@@ -257,8 +257,10 @@ def push_to_hub(
     commit URL. Loads back with ``load_model(f"hf-hub:{repo_id}")``."""
     import huggingface_hub
 
-    import httpx
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import errors
+
+    # the HTTP client's own base error (httpx in huggingface_hub 1.x, httpx2 in 2.x): no network, DNS, TLS
+    transport = (errors.HTTPError,) if isinstance(getattr(errors, "HTTPError", None), type) else ()
 
     parse_hub_id(repo_id)  # ORG/NAME, before anything is created
     api = huggingface_hub.HfApi(token=token)
@@ -269,7 +271,7 @@ def push_to_hub(
             api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision,
                                      commit_message=commit_message)
-        except (HfHubHTTPError, httpx.HTTPError) as err:  # unauthorised, no network, ...
+        except (errors.HfHubHTTPError, OSError, *transport) as err:  # unauthorised, no network, ...
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise HubUploadError(f"push to {HF_HUB_PREFIX}{repo_id} failed: {reason}") from None
     return str(getattr(info, "commit_url", info))
