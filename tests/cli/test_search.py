@@ -90,4 +90,4 @@ def test_missing_faiss_is_one_line(command, index, collection, tiny_checkpoint, 
             if command == "embed" else ["search", str(index), "a red background"])
     res = runner.invoke(app, args)
     assert res.exit_code == 2
-    assert res.output.strip() == "error: faiss is not installed: pip install 'holiclip[search]'"
+    assert res.output.strip() == "error: holiclip embed / search needs faiss: pip install 'holiclip[search]'"

@@ -169,7 +169,8 @@ def test_missing_package_names_the_extra(tmp_path, tiny_checkpoint, monkeypatch)
     monkeypatch.setitem(sys.modules, "clip_benchmark.cli", None)
     res = runner.invoke(app, ["eval", "clip-benchmark", "-c", str(tiny_checkpoint), "--", "--dataset", "wds/x"])
     assert res.exit_code == 2
-    assert res.output.strip().splitlines() == ["error: clip-benchmark is not installed: pip install 'holiclip[bench]'"]
+    assert res.output.strip().splitlines() == [
+        "error: holiclip eval clip-benchmark needs clip_benchmark: pip install 'holiclip[bench]'"]
 
 
 @pytest.mark.parametrize("options,message", [

@@ -192,9 +192,9 @@ def test_bad_input_errors(tmp_path, index, eval_model, tiny_checkpoint):
 def test_missing_faiss_names_the_extra(tmp_path, eval_model, tiny_checkpoint, monkeypatch, solid_image):
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss -> ImportError
     solid_image(tmp_path / "a.png", (1, 2, 3))
-    with pytest.raises(SR.SearchError) as err:
+    with pytest.raises(ImportError) as err:
         _embed(eval_model, tiny_checkpoint, tmp_path, tmp_path / "idx")
-    assert str(err.value) == "faiss is not installed: pip install 'holiclip[search]'"
+    assert str(err.value) == "holiclip embed / search needs faiss: pip install 'holiclip[search]'"
     assert not (tmp_path / "idx").exists()  # refused before any encoding
 
 

@@ -141,7 +141,9 @@ class ImageSource:
     def _iter_wds(self, urls: list[str]) -> Iterator[ImageItem]:
         if not urls:
             return
-        import webdataset as wds
+        from holiclip._extras import require
+
+        wds = require("webdataset", "train", "captioning webdataset shards")
 
         ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
         for sample in ds:

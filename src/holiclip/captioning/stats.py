@@ -46,7 +46,10 @@ class MiniLMEmbedder:
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
                  max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer
+        from holiclip._extras import require
+
+        transformers = require("transformers", "caption", "the text-diversity embedder")
+        AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
 
         path = Path(path) if path else default_minilm_path()
         if not (path / "config.json").exists():

@@ -4,11 +4,25 @@ from __future__ import annotations
 import importlib
 
 import typer
+from typer.core import TyperGroup
 
 from holiclip import console
+from holiclip._extras import MissingExtra
+
+
+class _Group(TyperGroup):
+    """Every command: an optional package missing is one line naming the extra, exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MissingExtra as err:
+            typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
 
 # no local variables in an unexpected traceback: they can hold an API key
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Holistic CLIP: train, caption, evaluate, demo.")
 
 # (module, attribute, name, help); a group module exposes a typer.Typer named `app`,

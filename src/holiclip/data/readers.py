@@ -67,7 +67,9 @@ def read_csv(
 
 def read_webdataset(urls: str | Sequence[str], list_slots: Sequence[str] | None = None) -> Iterator[Sample]:
     """img2dataset-style shards: ``jpg``/``png``/``webp`` bytes + ``json`` with the same fields."""
-    import webdataset as wds
+    from holiclip._extras import require
+
+    wds = require("webdataset", "train", "reading webdataset shards")
 
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for item in dataset:

@@ -125,7 +125,10 @@ class _TarImages:
         if url in self.open:
             self.open.move_to_end(url)
             return self.open[url]
-        from webdataset.tariterators import base_plus_ext  # the readers' own key rule
+        from holiclip._extras import require
+
+        # the readers' own key rule
+        base_plus_ext = require("webdataset.tariterators", "train", "writing webdataset shards").base_plus_ext
 
         try:
             tf = tarfile.open(url)
@@ -210,7 +213,9 @@ _TARS: _TarImages | None = None
 
 def _write_shard(out: str, index: int, items: list[tuple[str, object, bytes, str]], digest: str) -> dict:
     """Writes shard ``index`` from (key, image, json bytes, where) items; returns its record."""
-    import webdataset as wds
+    from holiclip._extras import require
+
+    wds = require("webdataset", "train", "writing webdataset shards")
 
     global _TARS
     if _TARS is None:
@@ -302,7 +307,9 @@ def _groups(rows: Iterable[ShardRow], shard_size: int, key_width: int) -> Iterat
 def _pool(workers: int) -> ProcessPoolExecutor | None:
     if workers <= 1:
         return None
-    import webdataset  # noqa: F401  (imported once here, not in every worker)
+    from holiclip._extras import require
+
+    require("webdataset", "train", "writing webdataset shards")  # imported once here, not in every worker
 
     # fork where the system has it: workers start at once and share the parent's imports
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"

@@ -56,7 +56,9 @@ def shard_urls(source) -> list[str] | None:
     (``dir/shard-{000000..000009}.tar``), a ``.tar`` file, a folder holding ``.tar`` files, or any
     URL webdataset opens (``pipe:...``, ``http(s)://``, ``gs://``, ...) or fsspec does (``s3://``, ...).
     """
-    from webdataset.shardlists import expand_urls
+    from holiclip._extras import require
+
+    expand_urls = require("webdataset.shardlists", "train", "reading webdataset shards").expand_urls
 
     if isinstance(source, (list, tuple)):
         return [url for item in source for url in expand_urls(str(item))]
@@ -82,7 +84,9 @@ def _local(url: str) -> Path | None:
 
 def _open(url: str):
     """A readable binary stream: webdataset's ``gopen`` (files, ``pipe:``, curl, gsutil, ...), else fsspec."""
-    import webdataset as wds
+    from holiclip._extras import require
+
+    wds = require("webdataset", "train", "reading webdataset shards")
 
     scheme = urlparse(url).scheme
     if scheme in ("", "file") or scheme in wds.gopen_schemes:

@@ -56,8 +56,9 @@ def explain_image(
     alpha: float = 0.55,
 ) -> Path:
     """Writes the PNG and returns its path. ``branches`` picks which branches to show."""
-    import matplotlib
+    from holiclip._extras import require
 
+    matplotlib = require("matplotlib", "viz", "holiclip explain")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

@@ -26,13 +26,13 @@ from typing import Sequence
 
 import torch
 
+from .._extras import require
 from ..evaluation.retrieval import dense_ranks
 from ..models.factory import FusedCLIP
 from ..models.fusion import FUSION_MODES
 from ..models.registry import get_tokenizer, get_transforms, load_model
 
 MODEL_TYPE = "holiclip"
-BENCH_MISSING = "clip-benchmark is not installed: pip install 'holiclip[bench]'"
 CB_TIES = "clip-benchmark"
 # set by holiclip from --checkpoint / --fusion / --branches; a second value would be ambiguous
 RESERVED_ARGS = ("--model", "--pretrained", "--model_type", "--pretrained_model")
@@ -43,12 +43,10 @@ class BenchError(ValueError):
 
 
 def require_clip_benchmark():
-    try:
-        import clip_benchmark.cli  # noqa: F401  (the parts used here, with their dependencies)
-        import clip_benchmark.models
-    except ImportError:
-        raise BenchError(BENCH_MISSING) from None
-    return clip_benchmark
+    # the parts used here, with their dependencies
+    require("clip_benchmark.cli", "bench", "holiclip eval clip-benchmark")
+    require("clip_benchmark.models", "bench", "holiclip eval clip-benchmark")
+    return require("clip_benchmark", "bench", "holiclip eval clip-benchmark")
 
 
 def parse_model_name(model_name: str | None) -> tuple[str, list[str] | None]:

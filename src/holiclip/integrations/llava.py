@@ -30,13 +30,12 @@ import torch
 from open_clip.transformer import QuickGELU
 from torch import nn
 
+from .._extras import require
 from ..models.holistic import HolisticCLIP, branch_index
 
-try:
-    from transformers import CLIPVisionConfig
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-except ImportError:
-    raise ImportError("transformers is not installed: pip install 'holiclip[caption]'") from None
+CLIPVisionConfig = require("transformers", "caption", "holiclip.integrations.llava").CLIPVisionConfig
+BaseModelOutputWithPooling = require("transformers.modeling_outputs", "caption",
+                                     "holiclip.integrations.llava").BaseModelOutputWithPooling
 
 STRATEGIES = ("default", "full")
 

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._extras import require
 from ..captioning.sources import ImageSource
 from ..data.records import DataError
 from ..evaluation.features import encode_images, encode_texts, read_image
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-FAISS_MISSING = "faiss is not installed: pip install 'holiclip[search]'"
 
 
 class SearchError(ValueError):
@@ -46,11 +46,7 @@ class SearchError(ValueError):
 
 
 def require_faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise SearchError(FAISS_MISSING) from None
-    return faiss
+    return require("faiss", "search", "holiclip embed / search")
 
 
 def fused_name(mode: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import open_clip
 import torch
 
+from .._extras import require
 from ..io import atomic_path, package_path, read_json
 from .holistic import HolisticCLIP
 
@@ -111,6 +112,8 @@ def _build_clip(cfg: dict, pretrained_text: bool) -> torch.nn.Module:
     cfg.pop("preprocess_cfg", None)
     custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     if "hf_model_name" in cfg.get("text_cfg", {}):
+        # open_clip's HFTextEncoder: without transformers it fails at the first forward, not here
+        require("transformers", "minilm", f"the Hugging Face text tower {cfg['text_cfg']['hf_model_name']!r}")
         cfg["text_cfg"].setdefault("hf_model_pretrained", pretrained_text)
     cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
     known = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"}

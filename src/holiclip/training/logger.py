@@ -30,13 +30,16 @@ class MetricLogger:
         self.writer = None
         self.last_row = self._keep_until(start_step) if enabled else None
         if enabled and tensorboard:
+            from holiclip._extras import MissingExtra, require
+
             try:
+                require("tensorboard", "train", "TensorBoard logging (run.tensorboard)")
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step hides the earlier run's events from step start_step + 1 on
                 self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:  # tensorboard is optional
-                self.writer = None
+            except MissingExtra as err:  # optional: metrics.jsonl is still written
+                log.warning("%s; or set run.tensorboard=false (metrics.jsonl only)", err)
 
     def _keep_until(self, step: int) -> dict | None:
         """Rewrites metrics.jsonl (atomically) without rows after ``step``; returns the last row kept."""

@@ -561,8 +561,9 @@ def readme_summary(summary: dict) -> str:
 
 # -- plots -----------------------------------------------------------------------------------
 def plot_all(summary: dict, out: Path) -> list[str]:
-    import matplotlib
+    from holiclip._extras import require
 
+    matplotlib = require("matplotlib", "emoji", "the emoji benchmark's plots")
     matplotlib.use("Agg", force=False)
     written = []
     for name, fn in (("fusion_modes.png", _plot_fusion), ("branch_subsets.png", _plot_subsets),

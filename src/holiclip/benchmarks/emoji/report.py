@@ -94,8 +94,9 @@ def ordering(summary: dict) -> list[str]:
 
 
 def plot_bars(summary: dict, path: Path) -> None:
-    import matplotlib
+    from holiclip._extras import require
 
+    matplotlib = require("matplotlib", "emoji", "the emoji benchmark's plots")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -118,8 +119,9 @@ def plot_bars(summary: dict, path: Path) -> None:
 
 
 def plot_curves(summary: dict, path: Path) -> None:
-    import matplotlib
+    from holiclip._extras import require
 
+    matplotlib = require("matplotlib", "emoji", "the emoji benchmark's plots")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -140,8 +142,9 @@ def plot_curves(summary: dict, path: Path) -> None:
 
 def plot_branch_heatmap(summary: dict, path: Path) -> list[str]:
     """Per-branch x per-task table of each holistic variant (seed mean); returns written names."""
-    import matplotlib
+    from holiclip._extras import require
 
+    matplotlib = require("matplotlib", "emoji", "the emoji benchmark's plots")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -168,8 +171,9 @@ def plot_branch_heatmap(summary: dict, path: Path) -> list[str]:
 
 def plot_attention(summary: dict, out: Path, num_images: int = 4) -> Path | None:
     """Per-branch attention maps of a few test images, for the first holistic variant."""
-    import matplotlib
+    from holiclip._extras import require
 
+    matplotlib = require("matplotlib", "emoji", "the emoji benchmark's plots")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from PIL import Image

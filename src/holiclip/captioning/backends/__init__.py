@@ -76,10 +76,16 @@ def backend_names() -> list[str]:
 def make_backend(name: str, model: str | None, **options) -> Backend:
     """Builds a backend by name; options are the backend class's keyword arguments."""
     if name == "openai":
+        from holiclip._extras import require
+
+        require("httpx", "caption", "the openai captioning backend")
         from .openai import OpenAIBackend
 
         return OpenAIBackend(model, **options)
     if name == "hf":
+        from holiclip._extras import require
+
+        require("transformers", "caption", "the hf captioning backend")
         from .hf import HFBackend
 
         return HFBackend(model, **options)

@@ -118,7 +118,10 @@ def find_svg(folder: Path, emoji: str, upper: bool) -> Path | None:
 
 
 def render_svg(path: Path, size: int) -> Image.Image:
-    import cairosvg  # lazy: only held-out styles need it
+    from holiclip._extras import require
+
+    # lazy: only held-out styles need it
+    cairosvg = require("cairosvg", "emoji", "rendering the emoji benchmark's SVG styles")
 
     png = cairosvg.svg2png(url=str(path), output_width=size, output_height=size)
     return Image.open(io.BytesIO(png)).convert("RGBA")
