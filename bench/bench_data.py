@@ -34,17 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SLOTS = ["web", "detail", "background", "main", "style"]
-WORDS = ("a", "red", "dog", "runs", "across", "the", "green", "field", "near", "old", "stone", "wall", "under",
-         "bright", "summer", "sky", "while", "children", "watch", "from", "wooden", "bench")
+from bench_manifest import SLOTS, _text  # the same synthetic captions (bench/ is on sys.path when run)
 
-
-def _text(i: int, s: int) -> str:
-    words, k = [], i * 7 + s * 13
-    while sum(len(w) + 1 for w in words) < 52:
-        words.append(WORDS[k % len(WORDS)])
-        k = k * 31 + 17
-    return f"{' '.join(words)} #{i}"
+SLOTS = list(SLOTS)
 
 
 def _jpegs(px: int, count: int = 32) -> list[bytes]:
