@@ -152,6 +152,24 @@ def test_ablations_quick_end_to_end_and_reuse(tmp_path):
     assert seed0["train_seconds_this_run"] is None and seed0["run_dir"] == str(out / "clip" / "seed0")
     assert seed0["metrics"] == saved["variants"]["clip"]["per_seed"][0]["metrics"]
     assert not (tmp_path / "other" / "clip").exists()
+    # every finished run was recorded; with no run folder to reuse, the record stands for the run
+    records = out / "records"
+    assert all(A.record_path(records, n, 0).is_file() for n in A.QUICK)
+    third = A.run_ablations(quick=True, out=tmp_path / "third", reuse=[], records=records, variants=["clip"])
+    seed0 = third["variants"]["clip"]["per_seed"][0]
+    assert seed0["record"] == str(A.record_path(records, "clip", 0)) and seed0["train_seconds_this_run"] is None
+    assert seed0["metrics"] == saved["variants"]["clip"]["per_seed"][0]["metrics"]
+    assert not (tmp_path / "third" / "clip").exists()
+    assert "1 of 1 runs were read from their records" in (tmp_path / "third" / "report.md").read_text()
+    # a record only stands for the same training, data and evaluation settings
+    mode = demo.MODES["quick"]
+    data = next(Path(d) for d, names in saved["config"]["data"].items() if "clip" in names)
+    settings = A.Settings(probe_images=40, similarity_images=40)
+    same = demo.variant_config(mode, "clip", data, tmp_path / "x", 0, Path(".cache/holiclip"))
+    assert A.read_record(records, "clip", 0, same, data, settings) is not None
+    other_seed = demo.variant_config(mode, "clip", data, tmp_path / "x", 1, Path(".cache/holiclip"))
+    assert A.read_record(records, "clip", 0, other_seed, data, settings) is None
+    assert A.read_record(records, "clip", 0, same, data, A.Settings(probe_images=41, similarity_images=40)) is None
 
 
 def test_finished_runs_are_found_wherever_they_are(tmp_path):

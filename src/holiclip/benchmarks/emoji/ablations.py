@@ -214,15 +214,72 @@ def text_similarity(data: Path, images: int, seed: int = 0, embedder=None) -> di
     return {"images": len(rows), "order": TEXT_ORDER, "by_h": out}
 
 
+# -- the record of finished runs ---------------------------------------------------------------
+# The full set of runs takes longer than one sitting on a 2-core CPU, and run folders (weights,
+# checkpoints) are not kept with the source. Each finished run's numbers are therefore recorded as
+# one small JSON file beside the published report (docs/reproduction/runs/<variant>/seed<k>.json):
+# its training settings, data key, evaluation settings, metrics, times and machine. A later command
+# uses a record instead of training again when all three still match, so the runs can be spread over
+# several sittings or machines, and anyone can re-derive the report from the recorded numbers.
+DOCS = demo.VARIANT_DIR.parents[1] / "docs" / "reproduction.md"
+RECORDS = DOCS.with_suffix("") / "runs"
+
+
+def data_key(data: Path) -> str:
+    return json.loads((Path(data) / "meta.json").read_text())["key"]
+
+
+def record_path(records: Path, name: str, seed: int) -> Path:
+    return Path(records) / name / f"seed{seed}.json"
+
+
+def write_record(records: Path, name: str, seed: int, result: dict, data: Path, settings: Settings,
+                 machine: dict) -> None:
+    """One finished run's numbers, with what they were measured under."""
+    saved = json.loads((Path(result["run_dir"]) / "model" / "holiclip_config.json").read_text())
+    config = saved["train_config"]
+    config = {**config, "run": {k: v for k, v in config["run"].items() if k != "out"}}
+    write_json(record_path(records, name, seed), {
+        "variant": name, "seed": seed, "train_config": config, "data_key": data_key(data),
+        "settings": settings.__dict__, "metrics": result["metrics"],
+        "train_seconds": result["train_seconds"], "logged_train_seconds": result["logged_train_seconds"],
+        "eval_seconds": result["eval_seconds"], "run_dir": result["run_dir"],
+        "machine": {k: machine[k] for k in ("cpu", "logical_cpus", "cpu_capability", "gpu", "torch")},
+        "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    })
+
+
+def read_record(records: Path, name: str, seed: int, wanted, data: Path, settings: Settings) -> dict | None:
+    """The recorded result of (name, seed) as a run result, when it was trained with ``wanted``'s
+    settings on the same data and evaluated with the same settings; None otherwise."""
+    path = record_path(records, name, seed)
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        log.warning("%s: unreadable record (%s): the run is done again", path, err)
+        return None
+    if rec.get("data_key") != data_key(data) or rec.get("settings") != settings.__dict__:
+        return None
+    if not demo._same_run({**rec["train_config"], "run": {**rec["train_config"]["run"], "out": ""}}, wanted.to_dict()):
+        return None
+    return {"metrics": rec["metrics"], "train_seconds": None, "logged_train_seconds": rec["logged_train_seconds"],
+            "eval_seconds": rec["eval_seconds"], "run_dir": rec["run_dir"], "record": str(path),
+            "machine": rec["machine"]}
+
+
 # -- the run -------------------------------------------------------------------------------
 def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int | None = None,
                   jobs: int | None = None, reuse: Sequence[str | Path] | None = None,
                   variants: Sequence[str] | None = None, docs: str | Path | None = None,
-                  command: str | None = None) -> dict:
+                  command: str | None = None, records: str | Path | None = None) -> dict:
     """Trains what is missing, evaluates every run, writes ``report.md``, ``results.json`` and
     plots into ``out``; the full run of every variant (not quick, no ``variants``) also writes the
     report to ``docs`` (default the checkout's docs/reproduction.md, figures in docs/reproduction/)
-    and fills the README's ablation summary."""
+    and fills the README's ablation summary. Each finished run is recorded in ``records`` (default
+    docs/reproduction/runs, ``<out>/records`` with ``quick``), and a matching record stands for the
+    run (nothing trained or evaluated)."""
     t_start = time.perf_counter()
     mode = demo.MODES["quick" if quick else "full"]
     if seeds:
@@ -256,13 +313,30 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
     data_s = time.perf_counter() - t0
     models = {demo.variant_config(mode, n, Path("."), out, 0, Path(".")).model.name for n in names}
     evaluator = functools.partial(evaluate_run, out=out, settings=settings)
+    records = Path(records) if records is not None else (out / "records" if quick else RECORDS)
+    machine = describe_machine(jobs, demo.threads_per_run(jobs, 2), command)
+    data_of = {n: d for d, g in groups.items() for n in g}
+    work = [(n, s) for s in mode.seeds for n in names]
+    runs = {}
+    for n, s in work:
+        cfg = demo.variant_config(mode, n, data_of[n], out / n / f"seed{s}", s, cache_dir)
+        rec = read_record(records, n, s, cfg, data_of[n], settings)
+        if rec is not None:
+            runs[(n, s)] = rec
+    todo = [w for w in work if w not in runs]
+    log.info("%d of %d runs recorded in %s; %d to train or evaluate", len(runs), len(work), records, len(todo))
     t0 = time.perf_counter()
-    for data in groups:
-        for model_name in sorted(models):
-            demo.warm_text_cache(model_name, data, cache_dir)
+    if todo:
+        for data in {data_of[n] for n, _ in todo}:
+            for model_name in sorted(models):
+                demo.warm_text_cache(model_name, data, cache_dir)
+
+    def record(name: str, seed: int, result: dict) -> None:
+        write_record(records, name, seed, result, data_of[name], settings, machine)
+
     # one pool for both datasets: runs pair up across them
-    runs = demo.run_jobs(mode, names, {n: d for d, g in groups.items() for n in g}, out, cache_dir, jobs, reuse,
-                         evaluator)
+    runs.update(demo.run_jobs(mode, names, data_of, out, cache_dir, jobs, reuse, evaluator, work=todo,
+                              on_result=record))
     runs_s = time.perf_counter() - t0
     default_data = next((d for d, g in groups.items() if g is default_names), None)
     similarity = text_similarity(default_data, settings.similarity_images) if default_data else None
@@ -275,7 +349,8 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
             "stats": seed_stats([r["metrics"] for r in per_seed]),
             "per_seed": [{"seed": s, "run_dir": r["run_dir"], "metrics": r["metrics"],
                           "train_seconds_this_run": r["train_seconds"], "logged_train_seconds": r["logged_train_seconds"],
-                          "eval_seconds": r["eval_seconds"]} for s, r in zip(mode.seeds, per_seed)],
+                          "eval_seconds": r["eval_seconds"], "record": r.get("record")}
+                         for s, r in zip(mode.seeds, per_seed)],
             "streams": per_seed[0]["metrics"].get("dense_probe", {}).get("streams"),
             "branches": list(per_seed[0]["metrics"].get("per_branch") or []),
         }
@@ -286,7 +361,8 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
                    "data": {str(d): g for d, g in groups.items()}, "reuse": [str(r) for r in reuse],
                    "settings": settings.__dict__, "fusions": list(FUSIONS), "subsets": SUBSETS},
         "timing": {"data_seconds": data_s, "runs_seconds": runs_s, "total_seconds": time.perf_counter() - t_start},
-        "machine": describe_machine(jobs, demo.threads_per_run(jobs, 2), command),
+        "machine": machine,
+        "run_machines": sorted({(r.get("machine") or machine)["cpu"] for r in runs.values()}),
     }
     summary["readings"] = readings(Results(variants_out), similarity)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +371,7 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
     write_json(out / "results.json", summary)
     (out / "report.md").write_text(report_markdown(summary, figure_dir=""))
     if not quick and not variants:  # only the whole set stands as the published reproduction
-        publish(summary, out, figures, Path(docs) if docs else demo.VARIANT_DIR.parents[1] / "docs" / "reproduction.md")
+        publish(summary, out, figures, Path(docs) if docs else DOCS)
     log.info("ablation report: %s", out / "report.md")
     print(f"report: {out / 'report.md'}")
     return summary
@@ -532,6 +608,8 @@ def report_markdown(summary: dict, figure_dir: str = "") -> str:
 
     # timing
     trained = [(v, s) for v, info in vs.items() for s in info["per_seed"] if s.get("logged_train_seconds")]
+    n_runs = sum(len(info["per_seed"]) for info in vs.values())
+    n_recorded = sum(1 for info in vs.values() for s in info["per_seed"] if s.get("record"))
     total = sum(s["logged_train_seconds"] for _, s in trained)
     lines += ["## Training time", "",
               "Measured from each run's metrics log (steps between log lines over the logged throughput), whether "
@@ -544,8 +622,11 @@ def report_markdown(summary: dict, figure_dir: str = "") -> str:
               f"- all runs: {total / 3600:.2f} h of training summed over {len(trained)} runs "
               f"(~{total / 2 / 3600:.2f} h of wall time at two runs side by side)",
               f"- this command: data {timing['data_seconds']:.0f} s, runs and evaluations {timing['runs_seconds'] / 60:.1f} "
-              f"min, total {timing['total_seconds'] / 60:.1f} min", "",
-              "## Machine", "", *machine_lines(summary["machine"]), ""]
+              f"min, total {timing['total_seconds'] / 60:.1f} min; {n_recorded} of {n_runs} runs were read from "
+              "their records (`docs/reproduction/runs/`: each finished run's settings, metrics, times and machine), "
+              "trained and evaluated by earlier invocations", "",
+              "## Machine", "", *machine_lines(summary["machine"]),
+              f"- the runs were trained on: {'; '.join(summary.get('run_machines') or [summary['machine']['cpu']])}", ""]
     return "\n".join(lines) + "\n"
 
 

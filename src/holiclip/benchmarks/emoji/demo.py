@@ -211,22 +211,31 @@ def threads_per_run(jobs: int, runs: int) -> int:
 
 
 def run_jobs(mode: Mode, names: list[str], data: Path | dict[str, Path], out: Path, cache_dir: Path, jobs: int,
-             reuse: Sequence[Path] = (), evaluator=None) -> dict:
-    """All (variant, seed) runs (``data``: one dataset, or one per variant name). With ``jobs`` > 1
-    they run side by side in worker processes, cores / jobs threads each: on a 2-core CPU two
-    single-thread runs train ~1.6x faster together than one 2-thread run (bench/bench_demo_step.py).
-    A run left alone at the end gets every thread."""
+             reuse: Sequence[Path] = (), evaluator=None, work: Sequence[tuple[str, int]] | None = None,
+             on_result=None) -> dict:
+    """All (variant, seed) runs (``data``: one dataset, or one per variant name), or the ``work``
+    pairs given. With ``jobs`` > 1 they run side by side in worker processes, cores / jobs threads
+    each: on a 2-core CPU two single-thread runs train ~1.6x faster together than one 2-thread run
+    (bench/bench_demo_step.py). A run left alone at the end gets every thread.
+    ``on_result(name, seed, result)`` is called in this process as each run's result arrives."""
     cpus = os.cpu_count() or 1
     data_of = data if isinstance(data, dict) else dict.fromkeys(names, data)
-    work = [(name, seed) for seed in mode.seeds for name in names]
-    if jobs <= 1 or len(work) == 1:
-        return {(n, s): run_variant(mode, load_variant(n), data_of[n], out, s, cache_dir, reuse, evaluator)
-                for n, s in work}
+    work = list(work) if work is not None else [(name, seed) for seed in mode.seeds for name in names]
+    results = {}
+
+    def done(name: str, seed: int, result: dict) -> None:
+        results[(name, seed)] = result
+        if on_result is not None:
+            on_result(name, seed, result)
+
+    if jobs <= 1 or len(work) <= 1:
+        for n, s in work:
+            done(n, s, run_variant(mode, load_variant(n), data_of[n], out, s, cache_dir, reuse, evaluator))
+        return results
     per_job = threads_per_run(jobs, len(work))
     paired = len(work) - len(work) % jobs
     args = [(mode, n, data_of[n], out, s, cache_dir, per_job if i < paired else cpus, tuple(reuse), evaluator)
             for i, (n, s) in enumerate(work)]
-    results = {}
     context = mp.get_context("spawn")
     queue = context.Queue()
     listener = logging.handlers.QueueListener(queue, _ToOwnLogger())
@@ -235,7 +244,7 @@ def run_jobs(mode: Mode, names: list[str], data: Path | dict[str, Path], out: Pa
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_logging,
                                  initargs=(queue, logging.getLogger("holiclip").getEffectiveLevel())) as pool:
             for name, seed, result in pool.map(_variant_job, args):
-                results[(name, seed)] = result
+                done(name, seed, result)
     finally:
         listener.stop()
     return results
