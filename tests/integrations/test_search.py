@@ -20,6 +20,17 @@ FUSION = ["mean", "max"]
 CHUNK = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for the whole module (the box is shared, and embeddings compared bit for bit
+    must come from the same thread count), given back afterwards: later tests compare this process
+    with others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def emoji_images(tmp_path_factory) -> Path:
     """The images of every split of the tiny emoji build (installed sources, no download)."""
@@ -35,7 +46,6 @@ def _embed(em, checkpoint, images, out, **kw):
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, eval_model, tiny_checkpoint, emoji_images):
-    torch.set_num_threads(1)  # the test box is shared
     out = tmp_path_factory.mktemp("index")
     _embed(eval_model, tiny_checkpoint, emoji_images, out)
     return SR.SearchIndex.open(out)

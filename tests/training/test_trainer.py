@@ -213,6 +213,7 @@ def test_loss_runs_in_fp32_outside_autocast(tmp_path):
 # -- streamed webdataset shards ----------------------------------------------------------------------
 KILLED_RUN = """
 import sys, time
+import torch
 from holiclip.training import trainer
 from holiclip.training.config import load_config
 
@@ -227,6 +228,7 @@ def save_then_stall(self):  # the kill lands mid-epoch, while the DataLoader wor
 
 
 trainer.Trainer._save = save_then_stall
+torch.set_num_threads(int(sys.argv[2]))  # as many as the uninterrupted run had: float sums depend on it
 trainer.train(load_config(sys.argv[1]))
 """
 
@@ -241,8 +243,8 @@ def test_shards_killed_mid_epoch_then_resumed_train_bit_identical(tmp_path):
     full = train(cfg_for(tmp_path, tmp_path / "shards", tmp_path / "full", *stream))
     part = cfg_for(tmp_path, tmp_path / "shards", tmp_path / "part", *stream)
     save_config(part, tmp_path / "part.yaml")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "part.yaml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "part.yaml"), str(torch.get_num_threads())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "saved step 3", proc.stderr.read()[-3000:]
         os.kill(proc.pid, signal.SIGKILL)  # kill -9: no clean-up, no final checkpoint
