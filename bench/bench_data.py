@@ -141,18 +141,33 @@ def run_rss(pattern: str, batch: int, workers: int) -> dict:
 BASELINE_WEBDATASET = "webdataset==0.2.86"
 
 
-def baseline_site(folder: Path) -> str | None:
-    """A folder holding the webdataset open_clip_train's pipeline runs with, when the one installed
-    is 1.x (installed there once with pip; only the baseline's process puts it on its path)."""
-    from importlib.metadata import version
+# open_clip_train.data imports pandas (for its CSV dataset), which holiclip does not need
+BASELINE_PANDAS = ("pandas", "pytz", "tzdata")
 
-    if int(version("webdataset").split(".")[0]) < 1:
+
+def baseline_site(folder: Path) -> str | None:
+    """A folder holding what open_clip_train's pipeline needs beyond holiclip's environment: the
+    webdataset it runs with when the one installed is 1.x, and pandas when it is missing
+    (installed there once with pip; only the baseline's process puts the folder on its path)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> bool:
+        try:
+            return bool(version(name))
+        except PackageNotFoundError:
+            return False
+
+    wanted = [] if int(version("webdataset").split(".")[0]) < 1 else [BASELINE_WEBDATASET]
+    wanted += [] if installed("pandas") else list(BASELINE_PANDAS)
+    if not wanted:
         return None
-    if not (folder / "webdataset").is_dir():
-        print(f"# open_clip_train's webdataset pipeline needs {BASELINE_WEBDATASET} (installed: "
-              f"{version('webdataset')}); installing it into {folder} for the baseline's process only", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder),
-                        BASELINE_WEBDATASET], check=True)
+    missing = [w for w in wanted if not (folder / w.split("==")[0]).is_dir()]
+    if missing:
+        print(f"# open_clip_train's webdataset pipeline needs {', '.join(missing)} (webdataset installed: "
+              f"{version('webdataset')}); installing into {folder} for the baseline's process only", flush=True)
+        # --no-deps: numpy and the rest come from this environment, never a second copy
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), *missing],
+                       check=True)
     return str(folder)
 
 
