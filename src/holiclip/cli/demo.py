@@ -19,7 +19,8 @@ def app(
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Override the number of seeds."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Runs side by side (default: 2 on 2+ cores)."),
     ablations: bool = typer.Option(False, "--ablations", help="The paper's ablations (fusion, branch subsets, number "
-                                   "of texts, Psi_MLP, regulariser, control, two styles, dense probe), 3 seeds; "
+                                   "of texts, Psi_MLP, regulariser, control, two styles, dense probe), 3 seeds (2 for "
+                                   "the text-count, regulariser, control and two-style runs); "
                                    "default --out runs/ablations, reusing finished runs there and in --reuse."),
     reuse: Optional[str] = typer.Option(None, "--reuse", help="With --ablations: comma-separated folders of "
                                         "finished runs to reuse (default runs/demo)."),

@@ -203,3 +203,18 @@ def test_cli_runs_the_ablations_with_its_options(monkeypatch):
     assert seen["kwargs"]["command"] == "holiclip demo --quick --seeds 2 --ablations --reuse runs/demo,runs/x"
     bad = CliRunner().invoke(app, ["demo", "--ablations", "--full"])
     assert bad.exit_code != 0 and "--ablations has its own" in bad.output
+
+
+def test_budget_gives_two_seeds_to_the_named_ablations_and_the_report_says_so(tmp_path):
+    missing = A.missing_runs(out=tmp_path / "none", reuse=[])
+    per_variant = {n: sorted(s for v, s in missing if v == n) for n in A.DEFAULT_DATA + A.TWO_STYLE}
+    assert all(per_variant[n] == [0, 1] for n in A.TWO_SEEDS)
+    assert all(per_variant[n] == [0, 1, 2] for n in per_variant if n not in A.TWO_SEEDS)
+    assert len(missing) == 34  # what the 3.5 h budget holds
+    assert len(A.missing_runs(out=tmp_path / "none", reuse=[], seeds=3)) == 42  # asked for: 3 seeds for all
+    summary = _summary(LEVELS)
+    summary["config"]["seeds"] = [0, 1, 2]
+    assert A.seed_text(summary).startswith("seeds [0, 1, 2] ([0, 1] for clip, o2m,")
+    for v in summary["variants"].values():
+        v["seeds"] = [0, 1, 2]
+    assert A.seed_text(summary) == "seeds [0, 1, 2]"
