@@ -161,6 +161,14 @@ def test_ablations_quick_end_to_end_and_reuse(tmp_path):
     assert seed0["metrics"] == saved["variants"]["clip"]["per_seed"][0]["metrics"]
     assert not (tmp_path / "third" / "clip").exists()
     assert "1 of 1 runs were read from their records" in (tmp_path / "third" / "report.md").read_text()
+    # --records-only: a report of what is recorded, the rest listed as missing, nothing trained
+    A.record_path(records, "texts_h2", 0).unlink()
+    partial = A.run_ablations(quick=True, out=tmp_path / "partial", reuse=[], records=records, records_only=True,
+                              variants=["clip", "texts_h2"])
+    assert list(partial["variants"]) == ["clip"] and partial["missing"] == [["texts_h2", 0]]
+    assert not (tmp_path / "partial" / "texts_h2").exists()
+    assert "**Partial report: 1 of 2 runs recorded so far.** Not yet run: texts_h2 seeds [0]" in (
+        tmp_path / "partial" / "report.md").read_text()
     # a record only stands for the same training, data and evaluation settings
     mode = demo.MODES["quick"]
     data = next(Path(d) for d, names in saved["config"]["data"].items() if "clip" in names)

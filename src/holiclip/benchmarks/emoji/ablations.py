@@ -277,13 +277,14 @@ def read_record(records: Path, name: str, seed: int, wanted, data: Path, setting
 def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int | None = None,
                   jobs: int | None = None, reuse: Sequence[str | Path] | None = None,
                   variants: Sequence[str] | None = None, docs: str | Path | None = None,
-                  command: str | None = None, records: str | Path | None = None) -> dict:
+                  command: str | None = None, records: str | Path | None = None, records_only: bool = False) -> dict:
     """Trains what is missing, evaluates every run, writes ``report.md``, ``results.json`` and
     plots into ``out``; the full run of every variant (not quick, no ``variants``) also writes the
     report to ``docs`` (default the checkout's docs/reproduction.md, figures in docs/reproduction/)
     and fills the README's ablation summary. Each finished run is recorded in ``records`` (default
     docs/reproduction/runs, ``<out>/records`` with ``quick``), and a matching record stands for the
-    run (nothing trained or evaluated)."""
+    run (nothing trained or evaluated). ``records_only``: nothing is trained or evaluated; the report
+    covers the recorded runs and lists the missing ones (a partial report is never published)."""
     t_start = time.perf_counter()
     mode = demo.MODES["quick" if quick else "full"]
     if seeds:
@@ -330,6 +331,7 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
             runs[(n, s)] = rec
     todo = [w for w in work if w not in runs]
     log.info("%d of %d runs recorded in %s; %d to train or evaluate", len(runs), len(work), records, len(todo))
+    missing, todo = (todo, []) if records_only else ([], todo)
     t0 = time.perf_counter()
     if todo:
         for data in {data_of[n] for n, _ in todo}:
@@ -347,15 +349,18 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
     similarity = text_similarity(default_data, settings.similarity_images) if default_data else None
     variants_out = {}
     for n in names:
-        per_seed = [runs[(n, s)] for s in seeds_of[n]]
+        done = [s for s in seeds_of[n] if (n, s) in runs]
+        if not done:  # records_only, nothing recorded yet
+            continue
+        per_seed = [runs[(n, s)] for s in done]
         v = demo.load_variant(n)
         variants_out[n] = {
-            "label": v.label, "beyond_paper": v.ours, "seeds": list(seeds_of[n]),
+            "label": v.label, "beyond_paper": v.ours, "seeds": done,
             "stats": seed_stats([r["metrics"] for r in per_seed]),
             "per_seed": [{"seed": s, "run_dir": r["run_dir"], "metrics": r["metrics"],
                           "train_seconds_this_run": r["train_seconds"], "logged_train_seconds": r["logged_train_seconds"],
                           "eval_seconds": r["eval_seconds"], "record": r.get("record")}
-                         for s, r in zip(seeds_of[n], per_seed)],
+                         for s, r in zip(done, per_seed)],
             "streams": per_seed[0]["metrics"].get("dense_probe", {}).get("streams"),
             "branches": list(per_seed[0]["metrics"].get("per_branch") or []),
         }
@@ -368,6 +373,8 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
         "timing": {"data_seconds": data_s, "runs_seconds": runs_s, "total_seconds": time.perf_counter() - t_start},
         "machine": machine,
         "run_machines": sorted({(r.get("machine") or machine)["cpu"] for r in runs.values()}),
+        "missing": [[n, s] for n, s in missing],
+        "planned_runs": len(work),
     }
     summary["readings"] = readings(Results(variants_out), similarity)
     out.mkdir(parents=True, exist_ok=True)
@@ -375,7 +382,7 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
     summary["figures"] = figures
     write_json(out / "results.json", summary)
     (out / "report.md").write_text(report_markdown(summary, figure_dir=""))
-    if not quick and not variants:  # only the whole set stands as the published reproduction
+    if not quick and not variants and not missing:  # only the whole set stands as the published reproduction
         publish(summary, out, figures, Path(docs) if docs else DOCS)
     log.info("ablation report: %s", out / "report.md")
     print(f"report: {out / 'report.md'}")
@@ -486,6 +493,19 @@ PAPER = {
 }
 
 
+def partial_lines(summary: dict) -> list[str]:
+    missing = summary.get("missing") or []
+    if not missing:
+        return []
+    done = summary.get("planned_runs", 0) - len(missing)
+    names = {}
+    for n, s in missing:
+        names.setdefault(n, []).append(s)
+    return [f"**Partial report: {done} of {summary.get('planned_runs')} runs recorded so far.** Not yet run: "
+            + "; ".join(f"{n} seeds {ss}" for n, ss in names.items())
+            + ". Readings with one seed are inconclusive by the rule below; the tables show only what was run.", ""]
+
+
 def seed_text(summary: dict) -> str:
     """'seeds [0, 1, 2]', or which variants had fewer."""
     seeds = summary["config"]["seeds"]
@@ -521,6 +541,7 @@ def report_markdown(summary: dict, figure_dir: str = "") -> str:
         "numbers: **holds** when the gap exceeds twice the larger seed std, **does not hold** when it goes the "
         "other way by as much, **inconclusive** when it is within that (or when there is one seed); a table "
         "holds when every check holds and does not hold when any check goes against it.", "",
+        *partial_lines(summary),
         "## Summary", "",
         markdown([["ablation", "claim (paper's or the control's)", "here"]]
                  + [[TITLES[k], rd[k]["claim"], f"**{rd[k]['verdict']}**"] for k in rd]), "",
