@@ -155,6 +155,11 @@ def test_ablations_quick_end_to_end_and_reuse(tmp_path):
     # every finished run was recorded; with no run folder to reuse, the record stands for the run
     records = out / "records"
     assert all(A.record_path(records, n, 0).is_file() for n in A.QUICK)
+    # the record says whether the regulariser's hinge acted, and the report repeats it
+    terms = json.loads(A.record_path(records, "holistic_cls_diversity", 0).read_text())["loss_terms"]
+    assert terms["diversity_loss"]["logged_steps"] >= 1 and "contrastive_loss" in terms
+    assert 0 <= terms["diversity_loss"]["active_steps"] <= terms["diversity_loss"]["logged_steps"]
+    assert "The penalty during training (logged every" in report
     third = A.run_ablations(quick=True, out=tmp_path / "third", reuse=[], records=records, variants=["clip"])
     seed0 = third["variants"]["clip"]["per_seed"][0]
     assert seed0["record"] == str(A.record_path(records, "clip", 0)) and seed0["train_seconds_this_run"] is None

@@ -237,6 +237,18 @@ def record_path(records: Path, name: str, seed: int) -> Path:
     return Path(records) / name / f"seed{seed}.json"
 
 
+def loss_terms(run_dir: str | Path) -> dict:
+    """Each named loss term of a run's metrics log: at how many logged steps it was above zero, its
+    largest and last value (shows whether a hinge term such as the diversity penalty ever acted)."""
+    from holiclip.training.trainer import read_metrics
+
+    rows = read_metrics(run_dir)
+    names = sorted({k for r in rows for k in r if k.endswith("_loss")})
+    return {k: {"logged_steps": sum(k in r for r in rows), "active_steps": sum(r.get(k, 0.0) > 0 for r in rows),
+                "max": max(r.get(k, 0.0) for r in rows), "last": next(r[k] for r in reversed(rows) if k in r)}
+            for k in names}
+
+
 def write_record(records: Path, name: str, seed: int, result: dict, data: Path, settings: Settings,
                  machine: dict) -> None:
     """One finished run's numbers, with what they were measured under."""
@@ -248,6 +260,7 @@ def write_record(records: Path, name: str, seed: int, result: dict, data: Path, 
         "settings": settings.__dict__, "metrics": result["metrics"],
         "train_seconds": result["train_seconds"], "logged_train_seconds": result["logged_train_seconds"],
         "eval_seconds": result["eval_seconds"], "run_dir": result["run_dir"],
+        "loss_terms": loss_terms(result["run_dir"]),
         "machine": {k: machine[k] for k in ("cpu", "logical_cpus", "cpu_capability", "gpu", "torch")},
         "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
@@ -270,7 +283,7 @@ def read_record(records: Path, name: str, seed: int, wanted, data: Path, setting
         return None
     return {"metrics": rec["metrics"], "train_seconds": None, "logged_train_seconds": rec["logged_train_seconds"],
             "eval_seconds": rec["eval_seconds"], "run_dir": rec["run_dir"], "record": str(path),
-            "machine": rec["machine"]}
+            "machine": rec["machine"], "loss_terms": rec.get("loss_terms")}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -359,7 +372,8 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
             "stats": seed_stats([r["metrics"] for r in per_seed]),
             "per_seed": [{"seed": s, "run_dir": r["run_dir"], "metrics": r["metrics"],
                           "train_seconds_this_run": r["train_seconds"], "logged_train_seconds": r["logged_train_seconds"],
-                          "eval_seconds": r["eval_seconds"], "record": r.get("record")}
+                          "eval_seconds": r["eval_seconds"], "record": r.get("record"),
+                          "loss_terms": r.get("loss_terms") or loss_terms(r["run_dir"])}
                          for s, r in zip(done, per_seed)],
             "streams": per_seed[0]["metrics"].get("dense_probe", {}).get("streams"),
             "branches": list(per_seed[0]["metrics"].get("per_branch") or []),
@@ -493,6 +507,17 @@ PAPER = {
 }
 
 
+def penalty_lines(info: dict | None) -> list[str]:
+    """Whether the hinge acted at all: the diversity penalty's logged values, per seed."""
+    seeds = [(s["seed"], (s.get("loss_terms") or {}).get("diversity_loss")) for s in (info or {}).get("per_seed", [])]
+    seeds = [(k, t) for k, t in seeds if t]
+    if not seeds:
+        return []
+    return ["The penalty during training (logged every `run.log_every` steps): " + "; ".join(
+        f"seed {k}: above zero at {t['active_steps']} of {t['logged_steps']} logged steps, largest {t['max']:.4f}"
+        for k, t in seeds) + ". At zero throughout, the hinge never acts and the run is Psi_CLS's.", ""]
+
+
 def partial_lines(summary: dict) -> list[str]:
     missing = summary.get("missing") or []
     if not missing:
@@ -609,7 +634,7 @@ def report_markdown(summary: dict, figure_dir: str = "") -> str:
               markdown([["variant", "branch cos", *metrics_head]]
                        + [[v, r.cell(v, "branch_cosine", 3), *[r.cell(v, k) for k in keys[1:]]]
                           for v in ("holistic_cls", "holistic_cls_diversity") if v in vs]), "",
-              reading_line(rd["regulariser"]), ""]
+              *penalty_lines(vs.get("holistic_cls_diversity")), reading_line(rd["regulariser"]), ""]
     lines += ["## Control: H = 5 class tokens trained with the fused O2M loss only", "", PAPER["control"], "",
               _table(r, [([v], v, [f"fused.{m}" for m in METRICS]) for v in ("o2m", "fused_o2m_h5", "holistic_cls")
                          if v in vs], ["variant", *metrics_head]), "", reading_line(rd["control"]), ""]
