@@ -182,7 +182,7 @@ def evaluate_run(run_dir: Path, data: Path, trained: bool, out: Path, settings: 
     model_file = run_dir / "model" / "model.safetensors"
     st = model_file.stat()
     stamp = {"model": str(model_file.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "data_key": json.loads((Path(data) / "meta.json").read_text())["key"], "settings": settings.__dict__}
+             "data_key": data_key(data), "settings": settings.__dict__}
     cache = Path(out) / "evaluations" / run_dir.parent.name / f"{run_dir.name}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
@@ -216,6 +216,11 @@ def text_similarity(data: Path, images: int, seed: int = 0, embedder=None) -> di
     for k in range(2, len(TEXT_ORDER) + 1):
         out[k] = float(np.mean([mean_pairwise_cosine(e[:k]) for e in emb]))
     return {"images": len(rows), "order": TEXT_ORDER, "by_h": out}
+
+
+def variant_seeds(mode: "demo.Mode", name: str, seeds: int | None) -> tuple[int, ...]:
+    """The seeds a variant runs with: the budget's two for TWO_SEEDS unless a number was asked for."""
+    return mode.seeds[:2] if seeds is None and name in TWO_SEEDS else mode.seeds
 
 
 # -- the record of finished runs ---------------------------------------------------------------
@@ -259,8 +264,7 @@ def write_record(records: Path, name: str, seed: int, result: dict, data: Path, 
         "variant": name, "seed": seed, "train_config": config, "data_key": data_key(data),
         "settings": settings.__dict__, "metrics": result["metrics"],
         "train_seconds": result["train_seconds"], "logged_train_seconds": result["logged_train_seconds"],
-        "eval_seconds": result["eval_seconds"], "run_dir": result["run_dir"],
-        "loss_terms": loss_terms(result["run_dir"]),
+        "eval_seconds": result["eval_seconds"], "run_dir": result["run_dir"], "loss_terms": result["loss_terms"],
         "machine": {k: machine[k] for k in ("cpu", "logical_cpus", "cpu_capability", "gpu", "torch")},
         "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
@@ -279,7 +283,7 @@ def read_record(records: Path, name: str, seed: int, wanted, data: Path, setting
         return None
     if rec.get("data_key") != data_key(data) or rec.get("settings") != settings.__dict__:
         return None
-    if not demo._same_run({**rec["train_config"], "run": {**rec["train_config"]["run"], "out": ""}}, wanted.to_dict()):
+    if not demo._same_run(rec["train_config"], wanted.to_dict()):
         return None
     return {"metrics": rec["metrics"], "train_seconds": None, "logged_train_seconds": rec["logged_train_seconds"],
             "eval_seconds": rec["eval_seconds"], "run_dir": rec["run_dir"], "record": str(path),
@@ -334,7 +338,7 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
     records = Path(records) if records is not None else (out / "records" if quick else RECORDS)
     machine = describe_machine(jobs, demo.threads_per_run(jobs, 2), command)
     data_of = {n: d for d, g in groups.items() for n in g}
-    seeds_of = {n: mode.seeds[:2] if seeds is None and n in TWO_SEEDS else mode.seeds for n in names}
+    seeds_of = {n: variant_seeds(mode, n, seeds) for n in names}
     work = [(n, s) for s in mode.seeds for n in names if s in seeds_of[n]]
     runs = {}
     for n, s in work:
@@ -352,6 +356,7 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
                 demo.warm_text_cache(model_name, data, cache_dir)
 
     def record(name: str, seed: int, result: dict) -> None:
+        result["loss_terms"] = loss_terms(result["run_dir"])
         write_record(records, name, seed, result, data_of[name], settings, machine)
 
     # one pool for both datasets: runs pair up across them
@@ -373,7 +378,7 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
             "per_seed": [{"seed": s, "run_dir": r["run_dir"], "metrics": r["metrics"],
                           "train_seconds_this_run": r["train_seconds"], "logged_train_seconds": r["logged_train_seconds"],
                           "eval_seconds": r["eval_seconds"], "record": r.get("record"),
-                          "loss_terms": r.get("loss_terms") or loss_terms(r["run_dir"])}
+                          "loss_terms": r.get("loss_terms") or loss_terms(r["run_dir"])}  # an older record
                          for s, r in zip(done, per_seed)],
             "streams": per_seed[0]["metrics"].get("dense_probe", {}).get("streams"),
             "branches": list(per_seed[0]["metrics"].get("per_branch") or []),
@@ -865,7 +870,7 @@ def missing_runs(out: str | Path = "runs/ablations", reuse: Sequence[str | Path]
     missing = []
     for n in DEFAULT_DATA + TWO_STYLE:
         data = cache_dir / ("emoji-twostyle" if n in TWO_STYLE else "emoji-default")
-        for s in (mode.seeds[:2] if seeds is None and n in TWO_SEEDS else mode.seeds):
+        for s in variant_seeds(mode, n, seeds):
             run_dir = Path(out) / n / f"seed{s}"
             cfg = demo.variant_config(mode, n, data, run_dir, s, cache_dir)
             if demo.finished_run(cfg, [run_dir, *(Path(r) / n / f"seed{s}" for r in reuse)]) is None:
