@@ -679,16 +679,21 @@ def report_markdown(summary: dict, figure_dir: str = "") -> str:
     n_runs = sum(len(info["per_seed"]) for info in vs.values())
     n_recorded = sum(1 for info in vs.values() for s in info["per_seed"] if s.get("record"))
     total = sum(s["logged_train_seconds"] for _, s in trained)
+    evals = [s["eval_seconds"] for info in vs.values() for s in info["per_seed"] if s.get("eval_seconds")]
     lines += ["## Training time", "",
               "Measured from each run's metrics log (steps between log lines over the logged throughput), whether "
               "the run was trained by this command or reused; runs train two side by side (one core each), so the "
-              "wall time is about half the sum.", "",
-              markdown([["variant", "runs", "train min per run (mean)", "train min (sum)"]]
-                       + [[v, str(len(ss)), f"{np.mean(ss) / 60:.1f}", f"{sum(ss) / 60:.1f}"]
+              "wall time is about half the sum. Evaluation (every task, fusion, branch subset and the dense probe) "
+              "is timed per run as well.", "",
+              markdown([["variant", "runs", "train min per run (mean)", "train min (sum)", "eval min (sum)"]]
+                       + [[v, str(len(ss)), f"{np.mean(ss) / 60:.1f}", f"{sum(ss) / 60:.1f}",
+                           f"{sum(s.get('eval_seconds') or 0 for s in vs[v]['per_seed']) / 60:.1f}"]
                           for v in vs for ss in [[s["logged_train_seconds"] for s in vs[v]["per_seed"]
                                                   if s.get("logged_train_seconds")]] if ss]), "",
               f"- all runs: {total / 3600:.2f} h of training summed over {len(trained)} runs "
-              f"(~{total / 2 / 3600:.2f} h of wall time at two runs side by side)",
+              f"(~{total / 2 / 3600:.2f} h of wall time at two runs side by side), {sum(evals) / 3600:.2f} h of "
+              f"evaluation over {len(evals)} runs; together ~{(total + sum(evals)) / 2 / 3600:.2f} h of wall time "
+              "(the budget: 3.5 h)",
               f"- this command: data {timing['data_seconds']:.0f} s, runs and evaluations {timing['runs_seconds'] / 60:.1f} "
               f"min, total {timing['total_seconds'] / 60:.1f} min; {n_recorded} of {n_runs} runs were read from "
               "their records (`docs/reproduction/runs/`: each finished run's settings, metrics, times and machine), "
