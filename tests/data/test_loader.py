@@ -217,3 +217,55 @@ def test_sampler_splits_global_batch_and_resumes():
     assert list(s) == all_batches[1:]
     with pytest.raises(DataError, match="fewer than one global batch"):
         ResumableBatchSampler(3, 4)
+
+
+def sampler_run(world: int, epoch: int, state=None, trained=0, stop=None):
+    """The samples ``world`` ranks train of ``epoch`` (48 samples, batch 4 per rank; resumed from ``state``
+    after ``trained`` batches, up to batch ``stop``), global batch after global batch; the last rank's sampler."""
+    per_batch: dict[int, list] = {}
+    for rank in range(world):
+        s = ResumableBatchSampler(48, 4, rank=rank, world_size=world, seed=5)
+        start = s.load_state(state, epoch, trained)
+        s.set_epoch(epoch, start)
+        for k, batch in enumerate(s):
+            if stop is not None and start + k >= stop:
+                break
+            per_batch.setdefault(k, []).append((list(batch), batch.global_batch))
+    seen = []
+    for k in sorted(per_batch):  # each rank names the same global batch: the ranks' batches in rank order
+        parts = per_batch[k]
+        assert len(parts) == world and all(g == [i for b, _ in parts for i in b] for _, g in parts)
+        seen += parts[0][1]
+    return seen, s
+
+
+@pytest.mark.parametrize("worlds,stops", [((2, 4), (2,)), ((2, 4), (3,)), ((4, 2), (1,)), ((2, 4, 3), (1, 2))])
+def test_sampler_resumed_on_another_world_size_trains_each_remaining_sample_once(worlds, stops):
+    """2 -> 4 ranks (8 -> 16 GPUs scaled down) mid-epoch: the samples not yet trained, in the order the
+    2-rank run would have trained them, re-cut over 4 ranks; none repeated, none lost but the last part
+    of a global batch; also fewer ranks and a second change within the epoch."""
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(5 * 1_000_003 + 1)).tolist()
+    seen, s = sampler_run(worlds[0], 1, stop=stops[0])
+    state, trained = s.state(), stops[0]
+    for world, stop in zip(worlds[1:], (*stops[1:], None)):
+        more, s = sampler_run(world, 1, state, trained, stop)
+        seen += more
+        state, trained = s.state(), stop
+    untrained, trains = s.remainder(1, 0)
+    assert seen == perm[:len(seen)]  # the first run's order, each sample once
+    assert len(seen) == 48 // (4 * worlds[0]) * 4 * worlds[0] - (untrained - trains)
+    assert 0 <= untrained - trains < 4 * worlds[-1]  # left out: less than one new global batch
+    if stops == (2,):  # 16 trained on 2 ranks, 32 left: 2 global batches of 16 on 4 ranks
+        assert sorted(seen) == list(range(48)) and (untrained, trains) == (32, 32) and s.batches(1) == 2
+    if stops == (3,):  # 24 left: one global batch of 16, 8 left out
+        assert (untrained, trains) == (24, 16)
+
+
+def test_sampler_state_of_an_older_checkpoint_or_a_fresh_epoch_plans_the_epoch_for_this_run():
+    s = ResumableBatchSampler(48, 4, rank=1, world_size=2, seed=5)
+    s.set_epoch(0)
+    full = list(s)
+    assert s.load_state(None, 0, 3) == 3  # no state kept (older checkpoints): this run's own split
+    assert s.load_state({"epoch": 0, "world_size": 4}, 0, 0) == 0  # nothing trained yet: planned afresh
+    s.set_epoch(0, 3)
+    assert list(s) == full[3:]

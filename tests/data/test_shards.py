@@ -145,6 +145,90 @@ def test_resampled_epochs_are_seeded_resumable_and_sized_by_train_num_samples(tm
         stream(tmp_path, num_samples=99)
 
 
+# -- resume on another world size -----------------------------------------------------------------------------
+def fake_shards(tmp_path, n=16, size=100) -> list[str]:
+    """Empty files standing in for shards whose sizes are given: positions only, nothing is read."""
+    urls = [str(tmp_path / f"s{i:03d}.tar") for i in range(n)]
+    for url in urls:
+        open(url, "wb").close()
+    return urls
+
+
+def trained_positions(urls, world, state=None, trained=0, stop=None, **kw) -> tuple[list[list[int]], ShardStream]:
+    """Epoch 0's global batches (the ranks' batches of positions in rank order) that ``world`` ranks train, resumed
+    from ``state`` after ``trained`` batches, up to batch ``stop``; the last rank's stream."""
+    per_rank = []
+    for rank in range(world):
+        s = ShardStream(urls, ["web"], 5, transform=None, rank=rank, world_size=world, sizes=[100] * len(urls),
+                        workers=2, shuffle_buffer=50, **kw)
+        start = s.load_state(state, 0, trained)
+        s.set_epoch(0, start)
+        positions = list(s.positions())
+        per_rank.append(positions[: None if stop is None else stop - start])
+    assert len({len(p) for p in per_rank}) == 1  # every rank trains as many batches
+    return [[p for rank in per_rank for p in rank[k]] for k in range(len(per_rank[0]))], s
+
+
+@pytest.mark.parametrize("worlds,stops,kw", [
+    ((2, 4), (20,), {}), ((2, 4), (21,), {}), ((4, 2), (7,), {}), ((2, 4, 3), (11, 5), {}),
+    ((2, 4), (20,), {"resampled": True, "num_samples": 1500}),
+])
+def test_resume_on_another_world_size_trains_each_remaining_position_once(tmp_path, worlds, stops, kw):
+    """2 -> 4 ranks (8 -> 16 GPUs scaled down), 2 streams per rank, a shuffle buffer: the positions of
+    the epoch not yet trained, in the order the 2-rank run would have trained them, re-cut over the new
+    ranks; none repeated, none lost but the last part of a global batch (drop_last). Also fewer ranks, a
+    second change within the epoch, and shards drawn with replacement (the sequence is seeded by epoch)."""
+    urls = fake_shards(tmp_path)
+    uninterrupted = [p for b in trained_positions(urls, worlds[0], **kw)[0] for p in b]
+    batches, s = trained_positions(urls, worlds[0], stop=stops[0], **kw)
+    state, trained = s.state(), stops[0]
+    for world, stop in zip(worlds[1:], (*stops[1:], None)):
+        more, s = trained_positions(urls, world, state, trained, stop, **kw)
+        assert all(len(b) == 5 * world for b in more)
+        batches += more
+        state, trained = s.state(), stop
+    seen = [p for b in batches for p in b]
+    assert seen == uninterrupted[: len(seen)]  # the first run's order, each position once
+    untrained, trains = s.remainder(0, 0)
+    assert len(uninterrupted) - len(seen) == untrained - trains < 5 * worlds[-1]
+    if stops == (20,):  # 1600 (1500) positions, 160 (150) batches of 5 per rank: 140 (130) left on each of 2
+        # ranks = 70 (65) global batches of 20 on 4 ranks: the whole epoch is trained
+        assert len(seen) == len(uninterrupted) == (1500 if kw else 1600)
+        assert trains == untrained == len(uninterrupted) - 200 and s.batches(0) == untrained // 20
+
+
+def test_shard_stream_resumed_on_more_ranks_streams_the_remaining_samples_with_their_crops(tmp_path):
+    write_shards(tmp_path, SIZES)
+    old = [stream(tmp_path, rank=r, world_size=2, batch_size=3, transform=noisy, workers=2) for r in range(2)]
+    full = [epoch_batches(s, epoch=2, workers=2) for s in old]  # 6 batches per rank
+    order = [b for k in range(6) for b in (full[0][k], full[1][k])]  # the 2-rank run's order, rank-batch by batch
+    state = old[1].state()
+    resumed = []
+    for rank in range(4):
+        s = stream(tmp_path, rank=rank, world_size=4, batch_size=3, transform=noisy)
+        assert s.load_state(state, epoch=2, batch_in_epoch=2) == 0
+        resumed.append(epoch_batches(s, epoch=2, workers=2 if rank == 1 else 0))
+    assert [len(r) for r in resumed] == [2] * 4  # 8 rank-batches left = 2 global batches of 4
+    again = [resumed[r][k] for k in range(2) for r in range(4)]
+    assert numbers(again) == numbers(order[4:])
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(again, order[4:]))  # the same crops
+
+
+def test_replacements_in_an_epoch_resumed_on_more_ranks_stay_out_of_the_global_batch(tmp_path):
+    """On 2 ranks each rank's stream is its own; resumed on 4, ranks 0 and 2 train consecutive batches of one
+    stream in one global batch: a replacement for rank 0 must not be a sample of rank 2's batch."""
+    write_shards(tmp_path, [24], members=lambda i, s: {**s, "png": b"broken"} if i in (1, 2, 3) else s)
+    state = stream(tmp_path, rank=0, world_size=2, batch_size=3, shuffle_buffer=0).state()
+    ranks = []
+    for rank in range(4):
+        s = stream(tmp_path, rank=rank, world_size=4, batch_size=3, shuffle_buffer=0)
+        s.load_state(state, epoch=0, batch_in_epoch=1)
+        ranks.append(numbers(epoch_batches(s)))
+    for k in range(len(ranks[0])):
+        together = [n for r in ranks for n in r[k]]
+        assert len(together) == len(set(together)), (k, [r[k] for r in ranks])
+
+
 # -- sizes -----------------------------------------------------------------------------------------------------
 def test_sizes_from_sizes_json_img2dataset_stats_or_counted(tmp_path, caplog):
     paths = write_shards(tmp_path, SIZES, sizes_file=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -300,10 +301,107 @@ class Collate:
         return out
 
 
-class ResumableBatchSampler(Sampler):
+@dataclass(frozen=True)
+class EpochSplit:
+    """How one epoch's batches are cut over the ranks, kept in checkpoints so that a resume continues
+    it exactly, on the same or on another number of ranks.
+
+    The epoch is planned for ``world_size`` ranks (and ``streams`` streams per rank on the shard
+    path): ``batches`` per rank, rank-batches of ``batch_size`` samples. Laid out in the order that
+    plan trains them (batch 0 of rank 0, of rank 1, ..., then batch 1, ...) they are the epoch's
+    *rank-batches* ``0 .. world_size x batches - 1``. A run on ``W`` ranks whose split starts at
+    rank-batch ``first`` trains as its batch ``b`` on rank ``r`` the rank-batch
+    ``first + b x W + r``: the planned run itself (``first = 0``, ``W = world_size``), or the
+    remainder of an epoch a run on other ranks had trained up to rank-batch ``first``, re-cut into
+    global batches of ``W`` rank-batches (the samples not yet trained, in the order the planned run
+    would have trained them; the last part of a global batch is left out, as drop_last does).
+    """
+
+    world_size: int  # the ranks the epoch was planned for
+    first: int = 0  # rank-batches of the epoch trained before this split's batch 0
+    streams: int = 1  # shards: streams per rank of the plan
+
+    @classmethod
+    def resume(cls, state: dict | None, batch_in_epoch: int, world_size: int) -> tuple["EpochSplit | None", int]:
+        """The split of a checkpoint's epoch for a run on ``world_size`` ranks (None: this run's own
+        plan), and the batch it goes on from.
+
+        ``state``: :meth:`state` of the run that wrote it (``split_world_size`` and ``first``
+        missing: a checkpoint from before splits were kept, planned for its own ranks; no state at
+        all: taken as planned for this run's ranks). On its own number of ranks the run goes on at
+        its ``batch_in_epoch``; on another the rank-batches it trained end the old split and a new
+        one starts after them, at batch 0.
+        """
+        if not state:
+            return None, batch_in_epoch
+        saved = int(state["world_size"])
+        split = cls(int(state.get("split_world_size", saved)), int(state.get("first", 0)), int(state.get("streams", 1)))
+        if batch_in_epoch == 0 and split.first == 0:  # nothing of the epoch trained: it is planned afresh
+            return None, 0
+        if saved == world_size:
+            return split, batch_in_epoch
+        return replace(split, first=split.first + batch_in_epoch * saved), 0
+
+    def state(self, world_size: int) -> dict:
+        return {"world_size": world_size, "split_world_size": self.world_size, "first": self.first,
+                "streams": self.streams}
+
+    def untrained(self, samples: int, batch_size: int) -> int:
+        """Rank-batches of the plan (an epoch of ``samples``, drop_last) from the split's start on."""
+        return max(0, samples // (batch_size * self.world_size) * self.world_size - self.first)
+
+    def batches(self, samples: int, batch_size: int, world_size: int) -> int:
+        """Full batches per rank of a run on ``world_size`` ranks."""
+        return self.untrained(samples, batch_size) // world_size
+
+    def rank_batch(self, batch: int, rank: int, world_size: int) -> tuple[int, int]:
+        """(rank of the plan, its batch) that batch ``batch`` of ``rank`` of a run on ``world_size`` ranks trains."""
+        f = self.first + batch * world_size + rank
+        return f % self.world_size, f // self.world_size
+
+
+class SplitEpochs:
+    """The epoch splits of a batch source (:class:`ResumableBatchSampler`, the shard stream): this
+    run's own plan, or a checkpoint's for the epoch in progress. Needs ``world_size``,
+    ``batch_size``, ``epoch``, ``epoch_samples`` (drop_last included) and ``_splits`` (a dict)."""
+
+    default_streams = 1
+
+    def split(self, epoch: int) -> EpochSplit:
+        return self._splits.get(epoch) or EpochSplit(self.world_size, 0, self.default_streams)
+
+    def batches(self, epoch: int) -> int:
+        """This rank's batches of ``epoch`` (fewer than its own plan's in an epoch resumed on more ranks)."""
+        return self.split(epoch).batches(self.epoch_samples, self.batch_size, self.world_size)
+
+    def remainder(self, epoch: int, start_batch: int) -> tuple[int, int]:
+        """(samples of ``epoch`` not yet trained, those of them this run trains) from batch ``start_batch`` on:
+        after a resume on more ranks, the last part of a global batch is left out (drop_last)."""
+        split = self.split(epoch)
+        untrained = split.untrained(self.epoch_samples, self.batch_size) - start_batch * self.world_size
+        return untrained * self.batch_size, (self.batches(epoch) - start_batch) * self.batch_size * self.world_size
+
+    def state(self) -> dict:
+        """What a checkpoint keeps to continue the epoch in progress (the epoch and batch are the trainer's)."""
+        return {"epoch": self.epoch, **self.split(self.epoch).state(self.world_size)}
+
+    def load_state(self, state: dict | None, epoch: int, batch_in_epoch: int) -> int:
+        """The checkpoint's split of ``epoch``; returns the batch to go on from (0 on another world size).
+        Without a state (a checkpoint from before it was kept) the epoch is taken as split for this run's ranks."""
+        split, start = EpochSplit.resume(state, batch_in_epoch, self.world_size)
+        if split is not None:
+            self._splits[epoch] = split
+        return start
+
+
+class ResumableBatchSampler(SplitEpochs, Sampler):
     """Seeded per-epoch permutation; global batch ``b`` is split over ranks in order, so
     ``world_size`` ranks x ``batch_size`` see exactly the samples one process would see with
-    the global batch. ``start_batch`` skips already-consumed batches without loading them."""
+    the global batch. ``start_batch`` skips already-consumed batches without loading them.
+
+    Rank-batch ``f`` of an epoch (see :class:`EpochSplit`) is ``perm[f x batch_size :][:batch_size]``
+    whatever the ranks, so the epoch a checkpoint holds goes on over another number of ranks with
+    the permutation's samples not yet trained, in order (:meth:`load_state`)."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.num_samples = num_samples
@@ -313,6 +411,7 @@ class ResumableBatchSampler(Sampler):
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
+        self._splits: dict[int, EpochSplit] = {}  # from a checkpoint: the split of the epoch in progress
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"{num_samples} samples are fewer than one global batch ({batch_size} x {world_size} ranks)"
@@ -322,20 +421,25 @@ class ResumableBatchSampler(Sampler):
     def batches_per_epoch(self) -> int:
         return self.num_samples // (self.batch_size * self.world_size)  # drop_last
 
+    @property
+    def epoch_samples(self) -> int:
+        return self.num_samples
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.batches_per_epoch - self.start_batch
+        return self.batches(self.epoch) - self.start_batch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.num_samples, generator=g).tolist()
-        gb = self.batch_size * self.world_size
-        for b in range(self.start_batch, self.batches_per_epoch):
-            start = b * gb + self.rank * self.batch_size
-            yield BatchIndices(perm[start: start + self.batch_size], perm[b * gb: (b + 1) * gb], self.rank,
-                               self.world_size)
+        split, bs, world = self.split(self.epoch), self.batch_size, self.world_size
+        for b in range(self.start_batch, self.batches(self.epoch)):
+            first = split.first + b * world  # the global batch's first rank-batch
+            mine = first + self.rank
+            yield BatchIndices(perm[mine * bs: (mine + 1) * bs], perm[first * bs: (first + world) * bs], self.rank,
+                               world)
 
 
 class BatchIndices(list):

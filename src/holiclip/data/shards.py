@@ -19,7 +19,10 @@ DataLoader worker ``w`` of ``K`` yields the rank's batches ``c + w``, ``c + w + 
 the ``c`` already consumed, and PyTorch hands worker batches out in turn, so the rank sees its
 batches in order whatever ``K`` is: a resume with other ``data.workers`` continues the epoch
 exactly (a worker then serves several streams, or skips the batches of a shared one that other
-workers make); the next epoch splits over the new number.
+workers make); the next epoch splits over the new number. A resume on another number of ranks
+continues the same way: the plan's rank-batches not yet trained are re-cut over the new ranks
+(:class:`holiclip.data.loader.EpochSplit`), each rebuilding the streams of the plan its batches
+come from; a rank then reads a stream's range while making only some of its batches.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .loader import DEFAULT_MAX_IMAGE_PIXELS, MAX_SUBSTITUTIONS, UNREADABLE, open_image
+from .loader import DEFAULT_MAX_IMAGE_PIXELS, MAX_SUBSTITUTIONS, UNREADABLE, EpochSplit, SplitEpochs, open_image
 from .readers import WDS_IMAGE_KEYS
 from .records import DataError, apply_missing_slot_policy, captions_from_row, missing_slots
 
@@ -323,7 +326,7 @@ class _Skip(Exception):
 
 
 # -- the dataset ---------------------------------------------------------------------------------------
-class ShardStream(IterableDataset):
+class ShardStream(SplitEpochs, IterableDataset):
     """Webdataset shards as a stream of collated batches of ``batch_size`` (per rank).
 
     Items are built as :class:`holiclip.data.loader.MultiTextDataset` builds them (``open_image``,
@@ -366,7 +369,7 @@ class ShardStream(IterableDataset):
         self.samples_per_epoch = num_samples if num_samples is not None else self.total
         self.workers = workers
         self.epoch, self.start_batch = 0, 0
-        self._epoch_streams: dict[int, int] = {}  # from a checkpoint: the split of the epoch in progress
+        self._splits: dict[int, EpochSplit] = {}  # from a checkpoint: the split of the epoch in progress
         if self.batches_per_epoch == 0:
             raise DataError(f"{self.samples_per_epoch} samples per epoch are fewer than one global batch "
                             f"({batch_size} x {world_size} ranks)")
@@ -385,24 +388,31 @@ class ShardStream(IterableDataset):
         """The epoch to stream and the rank's batches of it already consumed (skipped undecoded)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def streams_for(self, epoch: int) -> int:
-        return self._epoch_streams.get(epoch, max(1, self.workers))
+    @property
+    def epoch_samples(self) -> int:
+        return self.samples_per_epoch
+
+    @property
+    def default_streams(self) -> int:  # this run's own plan: a stream per DataLoader worker when the epoch starts
+        return max(1, self.workers)
 
     def state(self) -> dict:
-        """What a checkpoint keeps to continue the epoch in progress exactly (epoch and batches are the trainer's)."""
-        return {"epoch": self.epoch, "streams": self.streams_for(self.epoch), "world_size": self.world_size,
-                "shards": len(self.urls), "samples": self.total}
+        """What a checkpoint keeps to continue the epoch in progress exactly (epoch and batches are the trainer's):
+        its split (:class:`holiclip.data.loader.EpochSplit`: the plan's ranks and streams) and what the shards were."""
+        return {**super().state(), "shards": len(self.urls), "samples": self.total}
 
-    def load_state(self, state: dict | None, epoch: int, batch_in_epoch: int) -> None:
-        if not state or batch_in_epoch == 0:
-            return
-        if state["world_size"] != self.world_size or state["shards"] != len(self.urls) or state["samples"] != self.total:
-            log.warning("the checkpoint's epoch %d was split over %d ranks, %d shards, %d samples; this run has %d, "
-                        "%d, %d: the rest of that epoch is not the exact continuation (samples may repeat or be "
-                        "missed until epoch %d)", epoch, state["world_size"], state["shards"], state["samples"],
-                        self.world_size, len(self.urls), self.total, epoch + 1)
-            return
-        self._epoch_streams[epoch] = int(state["streams"])
+    def load_state(self, state: dict | None, epoch: int, batch_in_epoch: int) -> int:
+        """The checkpoint's split of ``epoch``; returns the batch to go on from (0 on another world size:
+        the streams' positions not yet trained, over all ranks of the checkpoint's plan, are re-cut
+        over this run's ranks, see :class:`EpochSplit`). Each stream's order is a function of
+        (seed, epoch, its rank and stream in the plan) and of the epoch's shard sequence (seeded by
+        (seed, epoch), with or without ``resampled``) alone, so every rank rebuilds any of them."""
+        if state and batch_in_epoch and (state["shards"] != len(self.urls) or state["samples"] != self.total):
+            log.warning("the checkpoint's epoch %d was split over %d shards, %d samples; this run has %d, %d: the "
+                        "rest of that epoch is not the exact continuation (samples may repeat or be missed until "
+                        "epoch %d)", epoch, state["shards"], state["samples"], len(self.urls), self.total, epoch + 1)
+            return batch_in_epoch
+        return super().load_state(state, epoch, batch_in_epoch)
 
     def counts(self) -> dict[str, int]:
         """The trainer's data counters at the start (bad_rows and dropped grow as batches report them)."""
@@ -431,7 +441,8 @@ class ShardStream(IterableDataset):
         else:
             order = rng.permutation(len(self.urls))
         starts = np.concatenate([[0], np.cumsum(self.sizes[order])])
-        return Plan(order, starts, need, self.batches_per_epoch, self.streams_for(epoch))
+        split = self.split(epoch)  # the plan's ranks and streams: the stream ranges
+        return Plan(order, starts, need, need // (self.batch_size * split.world_size), split.streams)
 
     # -- iteration ---------------------------------------------------------------------------------------------
     def loader(self, collate: Callable | None = None, workers: int = 0, **kwargs) -> "StreamLoader":
@@ -441,18 +452,32 @@ class ShardStream(IterableDataset):
         self.workers = workers
         return StreamLoader(DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is, **kwargs))
 
+    def _schedule(self, worker: int, num_workers: int, streams: dict) -> Iterator[tuple["_Stream", int, int]]:
+        """(stream, its batch, later batches of that stream in the same global batch) for each batch of
+        this rank this worker makes. Batch ``b`` of this rank is rank-batch ``(r0, b0)`` of the epoch's
+        plan (:meth:`EpochSplit.rank_batch`: ``(rank, b)`` unless resumed on another world size),
+        batch ``b0 // V`` of stream ``b0 % V`` of plan rank ``r0``."""
+        plan, split, world = self.plan(self.epoch), self.split(self.epoch), self.world_size
+        resized = split.first != 0 or split.world_size != world
+        for b in range(self.start_batch + worker, self.batches(self.epoch), num_workers):
+            r0, b0 = split.rank_batch(b, self.rank, world)
+            key = (r0, b0 % plan.streams)
+            if key not in streams:
+                start, length = plan.stream_range(r0, key[1], self.batch_size)
+                streams[key] = _Stream(self, plan, start, length, _seed(self.seed, self.epoch, *key))
+            later = 0  # resized: other ranks of this global batch may train the next batches of the same stream
+            for r in range(self.rank + 1, world) if resized else ():
+                rr, bb = split.rank_batch(b, r, world)
+                later += (rr, bb % plan.streams) == key
+            yield streams[key], b0 // plan.streams, later
+
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        plan = self.plan(self.epoch)
-        streams: dict[int, _Stream] = {}
+        streams: dict[tuple[int, int], _Stream] = {}
         try:
-            for made, b in enumerate(range(self.start_batch + worker, plan.batches, num_workers), 1):
-                v, local = b % plan.streams, b // plan.streams
-                if v not in streams:
-                    start, length = plan.stream_range(self.rank, v, self.batch_size)
-                    streams[v] = _Stream(self, plan, start, length, _seed(self.seed, self.epoch, self.rank, v))
-                yield streams[v].batch(local)
+            for made, (stream, local, later) in enumerate(self._schedule(worker, num_workers, streams), 1):
+                yield stream.batch(local, later)
                 if made % 32 == 0:
                     _trim_heap()
         except DataError as err:  # handed to the training process as data, raised there without a traceback
@@ -460,6 +485,15 @@ class ShardStream(IterableDataset):
         finally:
             for s in streams.values():
                 s.close()
+
+    def positions(self) -> Iterator[list[int]]:
+        """The epoch-sequence positions (see :meth:`plan`) of this rank's batches from ``start_batch`` on, as
+        iterating would give them before replacements, reading nothing."""
+        for stream, local, _ in self._schedule(0, 1, {}):
+            taken = stream.take(local)
+            for p in taken:
+                stream._done_with(p)
+            yield [stream.start + p for p in taken]
 
     def iter_texts(self) -> Iterator[str]:
         """Every training text (all slots of every sample, repeats included) from the json / txt
@@ -610,16 +644,24 @@ class _Stream:
         self.pending.discard(p)
         self.held.pop(p, None)
 
-    def batch(self, local: int) -> dict:
-        if local > self.made:  # batches other workers make, or consumed before a resume: positions only
+    def take(self, local: int) -> list[int]:
+        """The positions of the stream's batch ``local``, after passing over those of the batches before it
+        not made here (other workers' or ranks', or consumed before a resume): positions only."""
+        if local > self.made:
             for _ in range((local - self.made) * self.owner.batch_size):
                 self._done_with(self._draw())
             self.made, self.moved = local, True
         positions = [self._draw() for _ in range(self.owner.batch_size)]
         self.made += 1
+        return positions
+
+    def batch(self, local: int, later: int = 0) -> dict:
+        """Batch ``local``; ``later``: the stream's next batches trained in the same global batch by other
+        ranks, whose samples are no replacements here (a sample twice in a global batch)."""
+        positions = self.take(local)
         batch_set = set(positions)
         items, skipped = [], {"bad_rows": [], "dropped": []}
-        candidates = self._candidates(batch_set)
+        candidates = self._candidates(batch_set, later * self.owner.batch_size)
         for p in positions:
             item, bad = self._try(p, skipped)
             tried = 0
@@ -654,9 +696,10 @@ class _Stream:
                 skipped[skip.kind].append(skip.message)
             return None, []
 
-    def _candidates(self, batch: set[int]) -> Iterator[int]:
-        """Replacements: the stream's order after this batch, then from its start (wrapping around)."""
-        t = 0
+    def _candidates(self, batch: set[int], skip: int = 0) -> Iterator[int]:
+        """Replacements: the stream's order after this batch (past its next ``skip`` positions), then from
+        its start (wrapping around)."""
+        t = skip
         while True:
             while len(self.ahead) <= t:
                 nxt = next(self.order, None)
