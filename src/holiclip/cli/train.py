@@ -1,4 +1,4 @@
-"""`holiclip train CONFIG.yaml [section.key=value ...] [--resume latest | --overwrite]`."""
+"""`holiclip train CONFIG.yaml [section.key=value ...] [--resume latest [--allow-world-size-change] | --overwrite]`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,6 +17,11 @@ def app(
         help="Start over in a run folder that holds a previous run: first delete that run's checkpoints/, "
              "metrics.jsonl, tensorboard/, model/ and config.yaml (other files stay). Without it (or --resume), "
              "training into such a folder stops."),
+    allow_world_size_change: bool = typer.Option(
+        False, "--allow-world-size-change",
+        help="With --resume latest: go on over another number of GPUs than the checkpoint's (the global batch "
+             "changes with it; the rest of the epoch is re-split over the new ranks, no sample repeated). "
+             "Without it such a resume stops."),
 ) -> None:
     """Train Holistic CLIP (or the CLIP / O2M baselines) in one process or under torchrun."""
     from ..data.records import DataError
@@ -31,7 +36,7 @@ def app(
         items.append(f"run.out={out}")
     try:
         cfg = load_config(config, items)
-        result = train(cfg, resume=resume, overwrite=overwrite)
+        result = train(cfg, resume=resume, overwrite=overwrite, allow_world_size_change=allow_world_size_change)
     except (DataError, NonFiniteLoss, KeyError, ValueError, FileNotFoundError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -225,6 +225,52 @@ def check_resume_config(path: Path, saved: dict | None, current: dict, resume: s
         log.warning("warning: resuming from %s, trained with other settings:\n  %s", path, listing)
 
 
+def saved_world_size(state: dict) -> int | None:
+    """The ranks a checkpoint was trained on; None when it does not say (written before it was stored;
+    a shard stream's state held it already)."""
+    found = state.get("world_size", (state.get("data_stream") or {}).get("world_size"))
+    return None if found is None else int(found)
+
+
+def saved_global_batch(state: dict) -> int | None:
+    """The global batch (per-rank batch x accumulation x ranks) a checkpoint was trained with, None if unknown."""
+    if state.get("global_batch") is not None:
+        return int(state["global_batch"])
+    optim, world = (state.get("config") or {}).get("optim") or {}, saved_world_size(state)
+    if world is None or "batch_size" not in optim:
+        return None
+    return int(optim["batch_size"]) * int(optim.get("accum_steps", 1)) * world
+
+
+def check_resume_world(path: Path, state: dict, world_size: int, global_batch: int, resume: str | None,
+                       allow: bool = False, warn: bool = True) -> None:
+    """``--resume latest`` continues the run in the folder exactly, which only its own number of ranks
+    does: on another the global batch changes (optim.batch_size is per rank) and the rest of the epoch
+    is re-cut over the new ranks, so it stops unless ``allow`` (``--allow-world-size-change``). An
+    explicit checkpoint path is a deliberate start from it and goes on. A checkpoint that does not say
+    its ranks is taken as trained on this run's (said once, unless ``warn`` is false: the other ranks)."""
+    saved = saved_world_size(state)
+    if saved is None:
+        if warn and state.get("batch_in_epoch"):
+            log.warning("warning: %s does not record the number of ranks it was trained on (written by an older "
+                        "holiclip); taken as this run's %d: if it was another, the rest of epoch %d is not its exact "
+                        "continuation", path, world_size, state["epoch"])
+        return
+    if saved == world_size or allow or resume != "latest":
+        return
+    old_batch = saved_global_batch(state)
+    raise CheckpointError(
+        f"{path} was trained on {ranks(saved)} (global batch {old_batch if old_batch is not None else '?'}); this "
+        f"run has {ranks(world_size)} (global batch {global_batch}, optim.batch_size being per rank): --resume "
+        f"latest continues a run exactly on its own {ranks(saved)} only. Launch it on {saved}, or pass "
+        "--allow-world-size-change (from Python: train(cfg, resume='latest', allow_world_size_change=True)) to go "
+        f"on over {ranks(world_size)} with the samples of the epoch not yet trained")
+
+
+def ranks(n: int) -> str:
+    return f"{n} rank{'' if n == 1 else 's'}"
+
+
 def prepare_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
     """Stops a run that would mix with the run already in ``out``; with ``overwrite`` deletes that run's
     outputs (RUN_OUTPUTS) first. Run on rank 0 only."""

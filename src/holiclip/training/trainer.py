@@ -74,9 +74,11 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
+                 allow_world_size_change: bool = False):
         self.cfg = cfg
         self.resume = resume
+        self.allow_world_size_change = allow_world_size_change  # --resume latest on another number of ranks
         self.overwrite = overwrite  # delete the previous run in run.out (checkpoint.RUN_OUTPUTS) first
         self.device = resolve_device(cfg.run.device)
         self.dist = init_distributed(self.device)
@@ -178,8 +180,13 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "counters": dict(self.counters), "bad_examples": self.bad_examples[:20], "rng": ckpt.rng_state(),
             "config": self.cfg.to_dict(),  # a resume with other training settings is caught
-            **({"data_stream": self.dataset.state()} if self.shards else {}),  # how the epoch is split
+            # a resume on other ranks is caught (or continues the epoch over them: how it is split)
+            "world_size": self.dist.world_size, "global_batch": self._global_batch(),
+            **({"data_stream": self.dataset.state()} if self.shards else {"data_sampler": self.sampler.state()}),
         }
+
+    def _global_batch(self) -> int:
+        return self.cfg.optim.batch_size * self.cfg.optim.accum_steps * self.dist.world_size
 
     def _restore(self, path: Path, state: dict | None = None) -> None:
         state = ckpt.load_checkpoint(path) if state is None else state
@@ -189,11 +196,25 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if self.shards:
-            self.dataset.load_state(state.get("data_stream"), self.epoch, self.batch_in_epoch)
+        source = self.dataset if self.shards else self.sampler
+        trained = self.batch_in_epoch
+        self.batch_in_epoch = source.load_state(state.get("data_stream" if self.shards else "data_sampler"),
+                                                self.epoch, self.batch_in_epoch)
+        saved = ckpt.saved_world_size(state)
+        if self.dist.is_main and saved is not None and saved != self.dist.world_size:
+            self._note_world_change(state, saved, trained, source)
         self.counters.update(state["counters"])
         self.bad_examples = list(state["bad_examples"])
         ckpt.set_rng_state(state["rng"])
+
+    def _note_world_change(self, state: dict, saved: int, trained: int, source) -> None:
+        untrained, trains = source.remainder(self.epoch, self.batch_in_epoch)
+        world, left = ckpt.ranks(self.dist.world_size), untrained - trains
+        log.warning("resuming on %s a run trained on %s (%d batches of epoch %d trained): global batch %s -> %d; the "
+                    "epoch's %d samples not yet trained go on in their order over the %s (%d batches per rank%s)",
+                    world, ckpt.ranks(saved), trained, self.epoch, ckpt.saved_global_batch(state) or "?",
+                    self._global_batch(), untrained, world, trains // (self.cfg.optim.batch_size * self.dist.world_size),
+                    f"; the last {left} left out, less than a global batch" if left else "")
 
     # -- loop ------------------------------------------------------------------------------
     def _batches(self):
@@ -258,6 +279,8 @@ class Trainer:
         if resume_path is not None:
             ckpt.check_resume_config(resume_path, state.get("config"), cfg.to_dict(), self.resume,
                                      warn=self.dist.is_main)
+            ckpt.check_resume_world(resume_path, state, self.dist.world_size, self._global_batch(), self.resume,
+                                    self.allow_world_size_change, warn=self.dist.is_main)
         self._build()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -396,10 +419,14 @@ class Trainer:
         barrier()
 
 
-def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
+          allow_world_size_change: bool = False) -> dict:
     """``resume``: None (a new run; run.out must not hold another run), ``latest`` or a checkpoint path.
-    ``overwrite``: delete the run already in run.out (checkpoints, metrics, TensorBoard, model) first."""
-    trainer = Trainer(cfg, resume, overwrite)
+    ``overwrite``: delete the run already in run.out (checkpoints, metrics, TensorBoard, model) first.
+    ``allow_world_size_change``: ``latest`` may go on over another number of ranks (the global batch changes;
+    the epoch's samples not yet trained are re-cut over the new ranks: none repeated, none lost but the
+    last part of a global batch)."""
+    trainer = Trainer(cfg, resume, overwrite, allow_world_size_change)
     try:
         return trainer.train()
     finally:  # also on error: a process group left behind leaks its sockets or NCCL communicators
