@@ -285,7 +285,7 @@ def test_bad_samples_are_named_by_shard_and_key_replaced_and_counted(tmp_path):
     dropped = [m for b in batches for m in b["dropped"]]
     assert len(bad) == 1 and bad[0].startswith(f"{paths[0]}:000003.png: cannot identify image file")
     assert any(r.startswith(f"{paths[0]}:000008: malformed json member (Unterminated string") for r in rows)
-    assert any(r.startswith(f"{paths[1]}:000015: no jpg/jpeg/png/webp member (members: json)") for r in rows)
+    assert any(r.startswith(f"{paths[1]}:000015: no image member (jpg/jpeg/png/webp/bmp/gif/tif/tiff; members: json)") for r in rows)
     truncated = [r for r in rows if r.startswith(f"{paths[2]}:#")]
     assert truncated and all("truncated or damaged tar" in r for r in truncated)
     assert len(rows) == 2 + len(truncated)
@@ -298,7 +298,7 @@ def test_bad_samples_are_named_by_shard_and_key_replaced_and_counted(tmp_path):
 
 @pytest.mark.parametrize("n,policy,message", [
     (8, {}, r"shard-000000.tar:000008: malformed json member .*data.on_bad_row=skip skips such samples"),
-    (15, {}, r"shard-000001.tar:000015: no jpg/jpeg/png/webp member"),
+    (15, {}, r"shard-000001.tar:000015: no image member \(jpg/jpeg/png/webp"),
     (12, {"on_bad_row": "skip"}, r"shard-000001.tar:000012: caption slot 'main' is missing"),
 ])
 def test_bad_samples_stop_the_stream_under_the_error_policies(tmp_path, n, policy, message):

@@ -34,11 +34,12 @@ from typing import Iterable, Mapping, Sequence
 from holiclip.data.readers import read_jsonl
 from holiclip.data.records import DataError, apply_missing_slot_policy, parse_policy
 from holiclip.data.sharding import ShardReport, ShardRow, write_shards
+from holiclip.data.webdataset import ID_SEP, SHARD_EXTS, read_webdataset, shard_urls, split_sample_id
 from holiclip.io import atomic_path
 
 from .perspectives import PAPER_PERSPECTIVES
 from .quality import MISSING_FLAGS, caption_flags
-from .sources import WDS_EXTS, WDS_SEP, file_key
+from .sources import ImageSource, file_key
 from .store import ReadProblems, caption_files, read_rows
 
 
@@ -72,7 +73,7 @@ class CaptionTable:
 
 
 def _abs_key(image: str, base: Path) -> str:
-    return image if WDS_SEP in image else file_key(image, base)
+    return image if ID_SEP in image else file_key(image, base)
 
 
 def read_caption_dir(folder: str | os.PathLike, table: CaptionTable) -> None:
@@ -106,18 +107,12 @@ def read_web_captions(source: str | os.PathLike, table: CaptionTable,
     """Web captions from a training JSONL (:func:`read_training_jsonl`) or from the webdataset shards
     the images came from (img2dataset's ``txt`` member or json ``caption``), keyed as
     ``caption run`` keys images inside shards (``<absolute shard path>::<key>``)."""
-    from .sources import ImageSource, _shard_urls
-
     src = str(source)
-    if not (Path(src).is_file() and not src.endswith(".tar")) and ImageSource(src).kind == "webdataset":
-        from holiclip.data.readers import read_webdataset
-
-        for url in _shard_urls(src):
-            for sample in read_webdataset(url, list_slots):
-                image = f"{os.path.abspath(url)}{WDS_SEP}{sample.meta['key']}"
-                for slot, text in sample.captions.items():
-                    if isinstance(text, str):
-                        table.add(image, (slot, None), Caption(text, None, sample.where))
+    if not (Path(src).is_file() and not src.endswith(SHARD_EXTS)) and ImageSource(src).kind == "webdataset":
+        for sample in read_webdataset(shard_urls(src), list_slots):
+            for slot, text in sample.captions.items():
+                if isinstance(text, str):
+                    table.add(sample.meta["id"], (slot, None), Caption(text, None, sample.where))
         return
     read_training_jsonl(source, table, list_slots)
 
@@ -308,7 +303,7 @@ def _refuse_missing(rows: list[Row], rep: MergeReport, origin: Mapping[str, str]
 
 def _refuse_shard_images(rows: list[Row], origin: Mapping[str, str]) -> None:
     """A JSONL names image files; an image read from inside a shard has none (the trainer could not open it)."""
-    inside = [image for image, _, _ in rows if WDS_SEP in image]
+    inside = [image for image, _, _ in rows if ID_SEP in image]
     if inside:
         raise MergeError(
             f"{origin[inside[0]]}: image {inside[0]!r} is inside a webdataset shard, like {len(inside)} of the "
@@ -319,12 +314,7 @@ def _refuse_shard_images(rows: list[Row], origin: Mapping[str, str]) -> None:
 
 def shard_image(image: str) -> str | tuple[str, str]:
     """An image key as the shard writer takes it: a file path, or (shard path, sample key) for ``shard.tar::key``."""
-    start = 0
-    while (cut := image.find(WDS_SEP, start)) >= 0:
-        if image[:cut].endswith(WDS_EXTS):
-            return image[:cut], image[cut + len(WDS_SEP):]
-        start = cut + 1
-    return image
+    return split_sample_id(image) or image
 
 
 def _write_shards(out: Path, rows: list[Row], missing: str, origin: Mapping[str, str], rep: MergeReport,
@@ -339,7 +329,7 @@ def _write_shards(out: Path, rows: list[Row], missing: str, origin: Mapping[str,
                 rep.dropped += 1
                 continue
             rep.filled += bool(lacking)
-            shown = image if WDS_SEP in image else os.path.relpath(image, out_dir)
+            shown = image if ID_SEP in image else os.path.relpath(image, out_dir)
             yield ShardRow(shard_image(image), {"image": shown, "captions": dict(zip(rep.slots, got))}, origin[image])
 
     rep.shards = write_shards(shard_rows(), out, shard_size=shard_size, workers=workers, total=len(rows),
@@ -359,6 +349,6 @@ def _write_rows(out: Path, rows: list[Row], missing: str, origin: Mapping[str, s
                 rep.dropped += 1
                 continue
             rep.filled += bool(lacking)
-            path = image if WDS_SEP in image else os.path.relpath(image, out_dir)
+            path = image if ID_SEP in image else os.path.relpath(image, out_dir)
             f.write(json.dumps({"image": path, "captions": dict(zip(rep.slots, got))}, ensure_ascii=False) + "\n")
             rep.written += 1

@@ -4,7 +4,8 @@ Every image gets a stable ``key``, the ``image`` field of the caption rows and t
 used for resuming:
 - files: the absolute path (``os.path.abspath``; symlinks are kept as given), so that a re-run
   from another working directory still recognises finished work;
-- webdataset samples: ``"<absolute shard path>::<__key__>"``.
+- webdataset samples: ``"<absolute shard path>::<__key__>"``
+  (:func:`holiclip.data.webdataset.sample_id`, the id every shard reader gives a sample).
 
 Relative paths in a JSONL or a text list are relative to that file's folder (the project's
 JSONL convention). Sources are lazy: millions of paths are never held as image bytes.
@@ -16,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from holiclip.data.readers import IMAGE_EXTENSIONS, WDS_IMAGE_KEYS, resolve_path
+from holiclip.data import webdataset as wd
+from holiclip.data.readers import IMAGE_EXTENSIONS, resolve_path
 from holiclip.io import jsonl_rows, text_lines
-
-WDS_EXTS = (".tar", ".tar.gz", ".tgz")
-WDS_SEP = "::"
 
 _MIME_BY_EXT = {
     ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
@@ -62,22 +61,9 @@ def guess_mime(data: bytes, ext: str = "") -> str:
     return _MIME_BY_EXT.get(ext.lower(), "application/octet-stream")
 
 
-def _is_wds(src: str) -> bool:
-    return src.endswith(WDS_EXTS) or ("{" in src and ".." in src)
-
-
 def file_key(path: str, base: str | Path) -> str:
     """The key of an image file named in a file in folder ``base`` (see the module docstring)."""
     return os.path.abspath(resolve_path(base, path))
-
-
-def _shard_urls(src: str) -> list[str]:
-    import braceexpand  # a webdataset dependency
-
-    p = Path(src)
-    if p.is_dir():
-        return sorted(str(q) for q in p.iterdir() if q.name.endswith(WDS_EXTS))
-    return [os.path.abspath(u) for u in braceexpand.braceexpand(src)]
 
 
 class ImageSource:
@@ -95,10 +81,9 @@ class ImageSource:
         self.shard = (i, n)
         p = Path(self.src)
         if p.is_dir():
-            has_tars = any(q.name.endswith(WDS_EXTS) for q in p.iterdir())
             has_images = any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir())
-            self.kind = "webdataset" if has_tars and not has_images else "folder"
-        elif _is_wds(self.src):
+            self.kind = "webdataset" if not has_images and wd.shard_urls(self.src) else "folder"
+        elif wd.shard_urls(self.src) is not None:
             self.kind = "webdataset"
         elif not p.exists():
             raise SourceError(f"{self.src}: no such file or folder")
@@ -132,32 +117,19 @@ class ImageSource:
     def __iter__(self) -> Iterator[ImageItem]:
         i, n = self.shard
         if self.kind == "webdataset":
-            yield from self._iter_wds(_shard_urls(self.src)[i::n])
+            yield from self._iter_wds(wd.shard_urls(self.src)[i::n])
             return
         for k, path in enumerate(self._paths()):
             if k % n == i:
                 yield ImageItem(key=path, path=path, ext=os.path.splitext(path)[1])
 
     def _iter_wds(self, urls: list[str]) -> Iterator[ImageItem]:
-        if not urls:
-            return
-        from holiclip._extras import require
-
-        wds = require("webdataset", "train", "captioning webdataset shards")
-
-        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-        for sample in ds:
-            ext = next((e for e in WDS_IMAGE_KEYS if e in sample), None)
+        for sample in wd.iter_raw(urls, "captioning webdataset shards"):
+            ext = wd.image_member(sample)
             if ext is None:
-                ext = next((e for e in sample if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
-            if ext is None:
-                raise SourceError(
-                    f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no image member"
-                )
-            url = os.path.abspath(str(sample["__url__"]))
-            yield ImageItem(
-                key=f"{url}{WDS_SEP}{sample['__key__']}", data=sample[ext], ext="." + ext
-            )
+                raise SourceError(f"{wd.where(sample)}: {wd.no_image(sample)}")
+            yield ImageItem(key=wd.sample_id(str(sample["__url__"]), sample["__key__"]), data=sample[ext],
+                            ext="." + ext)
 
     def total(self) -> int | None:
         """Number of images in this shard, when cheap to know (not for webdataset)."""

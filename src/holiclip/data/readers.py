@@ -7,15 +7,14 @@ skipped and counted with ``on_error="skip"``).
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..io import jsonl_rows, text_lines
 from .records import DataError, Sample, captions_from_row
+from .webdataset import IMAGE_MEMBERS, read_webdataset, shard_urls  # noqa: F401  (read_webdataset: imported from here)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # image members of a webdataset sample, by preference
+IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in IMAGE_MEMBERS)
 
 
 def resolve_path(folder: str | Path, path: str) -> str:
@@ -65,47 +64,17 @@ def read_csv(
             yield Sample(resolve_path(path.parent, row[image_column]), {c: row[c] for c in columns}, f"{path}:{lineno}")
 
 
-def read_webdataset(urls: str | Sequence[str], list_slots: Sequence[str] | None = None) -> Iterator[Sample]:
-    """img2dataset-style shards: ``jpg``/``png``/``webp`` bytes + ``json`` with the same fields."""
-    from holiclip._extras import require
-
-    wds = require("webdataset", "train", "reading webdataset shards")
-
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for item in dataset:
-        where = f"{item.get('__url__', '?')}:{item.get('__key__', '?')}"
-        image = next((item[k] for k in WDS_IMAGE_KEYS if k in item), None)
-        if image is None:
-            raise DataError(f"{where}: no jpg/png/webp member")
-        if "json" not in item and "txt" not in item:
-            raise DataError(f"{where}: no json member with captions (nor a txt member)")
-        try:
-            row = json.loads(item["json"]) if "json" in item else {}  # txt alone: the web caption
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: malformed json member ({err.msg})") from None
-        except UnicodeDecodeError as err:
-            raise DataError(f"{where}: json member is not valid UTF-8 (byte {err.start})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: json member must be an object")
-        if "captions" not in row and "caption" not in row and "txt" in item:
-            try:
-                row["caption"] = item["txt"].decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{where}: txt member is not valid UTF-8 (byte {err.start})") from None
-        yield Sample(image, captions_from_row(row, where, list_slots), where, {"key": item.get("__key__")})
-
-
 def read_samples(path: str | Path | Sequence[str], **kwargs) -> Iterator[Sample]:
-    """Dispatch on the manifest type: ``.jsonl``, ``.csv``/``.tsv``, ``.tar`` shards (or brace lists)."""
-    if not isinstance(path, (str, Path)):
-        return read_webdataset(list(path), kwargs.get("list_slots"))
+    """Dispatch on the manifest type: ``.jsonl``, ``.csv``/``.tsv``, or webdataset shards
+    (:func:`holiclip.data.webdataset.shard_urls`: ``.tar``, brace patterns, lists, folders of shards)."""
+    urls = shard_urls(path)
+    if urls is not None:
+        return read_webdataset(urls, kwargs.get("list_slots"))
     text = str(path)
     if Path(path).is_dir():
         inside = sorted(p.name for p in Path(path).iterdir() if p.suffix in (".jsonl", ".csv", ".tsv", ".tar"))
         hint = f"; it holds {', '.join(inside[:5])}" if inside else ""
         raise DataError(f"{path}: is a folder; a manifest is a .jsonl / .csv / .tsv file or .tar shards{hint}")
-    if text.endswith(".tar") or "{" in text:
-        return read_webdataset(text, kwargs.get("list_slots"))
     if text.endswith((".csv", ".tsv")):
         kw = {k: v for k, v in kwargs.items() if k in ("image_column", "caption_columns")}
         return read_csv(path, delimiter="\t" if text.endswith(".tsv") else ",", **kw)

@@ -36,6 +36,7 @@ from typing import Iterable, Iterator, Sequence
 from ..io import atomic_path, read_json
 from .readers import read_samples
 from .records import DataError, apply_missing_slot_policy, missing_slots
+from . import webdataset as wd
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +149,13 @@ class _TarImages:
         return self.open[url]
 
     def read(self, url: str, key: str) -> bytes:
-        from .readers import IMAGE_EXTENSIONS
-
         tf, members = self._index(url)
         found = members.get(key)
         if found is None:
             raise ImageProblem("missing", f"no sample {key!r} in shard {url}")
-        ext = next((e for e in found if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+        ext = wd.image_member(found)  # the readers' own choice of member
         if ext is None:
-            raise ImageProblem("missing", f"sample {key!r} in shard {url} has no image member ({', '.join(found)})")
+            raise ImageProblem("missing", f"sample {key!r} in shard {url} has {wd.no_image(found)}")
         try:
             return tf.extractfile(found[ext]).read()
         except (tarfile.TarError, OSError) as err:
@@ -418,7 +417,7 @@ def shard_manifest(
     row's image path, relative to the manifest's folder when inside it) and the row's other fields.
     """
     text = str(manifest)
-    if text.endswith(".tar") or "{" in text:
+    if wd.shard_urls(manifest) is not None:
         raise DataError(f"{manifest}: is already webdataset shards; `holiclip data shard` reads a .jsonl / .csv manifest")
     if not Path(manifest).is_file():
         raise DataError(f"{manifest}: no such manifest file")

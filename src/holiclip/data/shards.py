@@ -41,42 +41,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .loader import DEFAULT_MAX_IMAGE_PIXELS, MAX_SUBSTITUTIONS, UNREADABLE, EpochSplit, SplitEpochs, open_image
-from .readers import WDS_IMAGE_KEYS
-from .records import DataError, apply_missing_slot_policy, captions_from_row, missing_slots
+from .records import DataError, apply_missing_slot_policy, missing_slots
+from .webdataset import SCHEME as _SCHEME, TEXT_MEMBERS, image_member, json_row, no_image, sample_captions
+from .webdataset import shard_urls  # noqa: F401  (imported from here by callers)
 
 log = logging.getLogger(__name__)
 
 SIZES_FILE = "sizes.json"  # {shard file name: samples}, as open_clip reads it
-TEXT_MEMBERS = ("json", "txt")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-# -- which sources are shards -----------------------------------------------------------------------
-def shard_urls(source) -> list[str] | None:
-    """The shard URLs of a training source, or None when it is a JSONL / CSV manifest.
-
-    Shards: a list (or a ``::``-separated string) of shards or patterns, a brace pattern
-    (``dir/shard-{000000..000009}.tar``), a ``.tar`` file, a folder holding ``.tar`` files, or any
-    URL webdataset opens (``pipe:...``, ``http(s)://``, ``gs://``, ...) or fsspec does (``s3://``, ...).
-    """
-    from holiclip._extras import require
-
-    expand_urls = require("webdataset.shardlists", "train", "reading webdataset shards").expand_urls
-
-    if isinstance(source, (list, tuple)):
-        return [url for item in source for url in expand_urls(str(item))]
-    text = str(source)
-    if "::" in text:
-        return [url for part in text.split("::") for url in (shard_urls(part) or [part])]
-    if text.startswith("pipe:") or _SCHEME.match(text):
-        return expand_urls(text)
-    path = Path(text)
-    if path.is_dir():
-        tars = sorted(str(p) for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
-        return tars or None  # a folder without shards: load_manifest names what it holds
-    if text.endswith(".tar") or re.search(r"\{[^}]*(\.\.|,)[^}]*\}", text):
-        return expand_urls(text)
-    return None
 
 
 def _local(url: str) -> Path | None:
@@ -515,40 +486,26 @@ class ShardStream(SplitEpochs, IterableDataset):
         return _Skip("bad_rows", f"{where}: {message}")
 
     def _texts(self, raw: dict, where: str, image: bool = True) -> list[str]:
-        members = sorted(k for k in raw if not k.startswith("__"))
-        if image and not any(k in raw for k in WDS_IMAGE_KEYS):
-            raise self._row_problem(where, f"no {'/'.join(WDS_IMAGE_KEYS)} member (members: {', '.join(members)})")
-        row: dict = {}
-        if "json" in raw:
-            try:
-                row = json.loads(raw["json"])
-            except json.JSONDecodeError as err:
-                raise self._row_problem(where, f"malformed json member ({err.msg}, line {err.lineno} column "
-                                               f"{err.colno})") from None
-            except UnicodeDecodeError as err:
-                raise self._row_problem(where, f"json member is not valid UTF-8 (byte {err.start})") from None
-            if not isinstance(row, dict):
-                raise self._row_problem(where, "json member must be an object")
-        if "captions" not in row and "caption" not in row and "txt" in raw:
-            try:  # a txt member (img2dataset's caption) is the web slot, or the first list slot
-                captions = {(self.list_slots or ["web"])[0]: raw["txt"].decode("utf-8")}
-            except UnicodeDecodeError as err:
-                raise self._row_problem(where, f"txt member is not valid UTF-8 (byte {err.start})") from None
-        elif "json" not in raw:
-            raise self._row_problem(where, f"no json or txt member with captions (members: {', '.join(members)})")
-        else:
-            try:
-                captions = captions_from_row(row, where, self.list_slots)
-            except DataError as err:
-                raise self._row_problem(where, str(err).removeprefix(f"{where}: ")) from None
+        return self._parse(raw, where, image)[0]
+
+    def _parse(self, raw: dict, where: str, image: bool = True) -> tuple[list[str], dict, dict]:
+        """(texts of the run's slots, the sample's captions, its json row): the shared rule of
+        :mod:`holiclip.data.webdataset`, its problems under ``on_bad_row``."""
+        if image and image_member(raw) is None:
+            raise self._row_problem(where, no_image(raw))
+        try:
+            row = json_row(raw, where)
+            captions = sample_captions(raw, where, self.list_slots, row)
+        except DataError as err:
+            raise self._row_problem(where, str(err).removeprefix(f"{where}: ")) from None
         texts = apply_missing_slot_policy(captions, self.slots, self.missing_slot_policy, where)
         if texts is None:
             gone = ", ".join(map(repr, missing_slots(captions, self.slots)))
             raise _Skip("dropped", f"{where} (no {gone}; data.missing_slot_policy=drop)")
-        return texts
+        return texts, captions, row
 
     def _image(self, raw: dict, where: str, index: int) -> torch.Tensor:
-        ext = next(k for k in WDS_IMAGE_KEYS if k in raw)
+        ext = image_member(raw)
         try:
             image = open_image(raw[ext], self.max_pixels)
             with torch.random.fork_rng(devices=[]):  # as MultiTextDataset: a crop per (seed, epoch, sample)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..data.readers import IMAGE_EXTENSIONS, read_samples, resolve_path
 from ..data.records import DataError, has_text
+from ..data.webdataset import shard_urls
 from ..io import jsonl_rows, read_json, read_text
 
 RETRIEVAL_FORMATS = ("auto", "manifest", "coco", "karpathy", "long", "urban1k")
@@ -198,9 +199,12 @@ def detect_format(path) -> str:
     if p.is_dir():
         if (p / "image").is_dir() and (p / "caption").is_dir():
             return "urban1k"
-        raise DataError(f"{p}: a folder must have image/ and caption/ subfolders (Urban1k layout)")
+        if shard_urls(p):
+            return "manifest"  # a folder of webdataset shards
+        raise DataError(f"{p}: a folder must have image/ and caption/ subfolders (Urban1k layout) or hold "
+                        f"webdataset shards")
     text = str(path)
-    if text.endswith((".tar", ".csv", ".tsv")) or "{" in text:
+    if text.endswith((".csv", ".tsv")) or shard_urls(path) is not None:
         return "manifest"
     if p.suffix == ".jsonl":
         _, row = next(jsonl_rows(p, error=DataError), (None, {}))  # the first row decides
