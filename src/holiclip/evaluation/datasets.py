@@ -79,7 +79,7 @@ def read_manifest_retrieval(path, slots: Sequence[str] | None = None, limit: int
             data.text_to_image.append(row)
             data.text_slots.append(slot)
         data.images.append(sample.image)
-        data.image_ids.append(sample.where)
+        data.image_ids.append(sample.meta.get("id", sample.where))  # shards: the sample id search and captioning use
     return data
 
 
