@@ -213,11 +213,16 @@ def merge_captions(
     model_suffix: str = "auto",
     keep_flagged: bool = False,
     max_examples: int = 10,
+    tokenizer=None,
 ) -> MergeReport:
     """Builds the training JSONL at ``out`` (written atomically), or shards in the folder
-    ``shards`` (``shard_size`` samples each, ``workers`` processes, resumable), and returns a report."""
+    ``shards`` (``shard_size`` samples each, ``workers`` processes, resumable; with ``tokenizer``,
+    pre-tokenised: :mod:`holiclip.data.tokens`), and returns a report."""
     if (out is None) == (shards is None):
         raise MergeError("give one output: a training JSONL (out) or a shard folder (shards)")
+    if tokenizer is not None and shards is None:
+        raise MergeError("a tokenizer stores token ids in shards; a training JSONL has no place for them: "
+                         "write shards (shards=DIR) or leave the tokenizer out")
     parse_policy(missing)  # fail on a bad policy before reading millions of rows
     table = CaptionTable()
     if web_captions is not None:
@@ -235,7 +240,7 @@ def merge_captions(
     if shards is None:
         _write_rows(Path(out), rows, missing, table.origin, rep)
     else:
-        _write_shards(Path(shards), rows, missing, table.origin, rep, shard_size, workers, progress)
+        _write_shards(Path(shards), rows, missing, table.origin, rep, shard_size, workers, progress, tokenizer)
     return rep
 
 
@@ -318,7 +323,7 @@ def shard_image(image: str) -> str | tuple[str, str]:
 
 
 def _write_shards(out: Path, rows: list[Row], missing: str, origin: Mapping[str, str], rep: MergeReport,
-                  shard_size: int, workers: int, progress: bool) -> None:
+                  shard_size: int, workers: int, progress: bool, tokenizer=None) -> None:
     """Applies the missing-slot policy and writes the rows as shards (image bytes + the JSONL row as json)."""
     out_dir = os.path.abspath(out)
 
@@ -333,7 +338,7 @@ def _write_shards(out: Path, rows: list[Row], missing: str, origin: Mapping[str,
             yield ShardRow(shard_image(image), {"image": shown, "captions": dict(zip(rep.slots, got))}, origin[image])
 
     rep.shards = write_shards(shard_rows(), out, shard_size=shard_size, workers=workers, total=len(rows),
-                              progress=progress, desc="caption merge")
+                              progress=progress, desc="caption merge", tokenizer=tokenizer)
     rep.written = rep.shards.samples
 
 

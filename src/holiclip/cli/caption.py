@@ -18,7 +18,7 @@ import typer
 from holiclip import console
 from holiclip.captioning.perspectives import DEFAULT_PERSPECTIVES
 
-from ._options import comma_list
+from ._options import comma_list, model_tokenizer
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -164,6 +164,7 @@ def merge_cmd(
     alias: Optional[List[str]] = typer.Option(None, "--alias", help="MODEL=ALIAS for slot names like detail@ALIAS (repeatable)."),
     model_suffix: str = typer.Option("auto", "--model-suffix", help="auto: '@model' only where a perspective has several models; always."),
     keep_flagged: bool = typer.Option(False, "--keep-flagged", help="Keep empty/refused captions instead of treating them as missing."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="With --shards: also store the captions' token ids for this model's tokenizer (its model.name), so training tokenises nothing."),
 ) -> None:
     """Build the training JSONL or shards (named caption slots) from caption folders."""
     from holiclip.captioning.merge import merge_captions
@@ -171,11 +172,14 @@ def merge_cmd(
 
     if (out is None) == (shards is None):
         raise _err("give one output: --out train.jsonl or --shards DIR")
+    if tokenizer is not None and shards is None:
+        raise _err("--tokenizer stores token ids in shards: use it with --shards DIR")
     try:
         rep = merge_captions(dirs, out, shards=shards, shard_size=shard_size, workers=workers, progress=shards is not None,
                              web_captions=web_captions, list_slots=comma_list(research_slots),
                              slots=comma_list(slots), missing=missing, aliases=_aliases(alias),
-                             model_suffix=model_suffix, keep_flagged=keep_flagged)
+                             model_suffix=model_suffix, keep_flagged=keep_flagged,
+                             tokenizer=model_tokenizer(tokenizer))
     except (DataError, ValueError, FileNotFoundError) as err:
         raise _err(str(err)) from None
     typer.echo(f"slots: {', '.join(rep.slots)}")

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ._options import comma_list
+from ._options import comma_list, model_tokenizer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Build and inspect datasets (built-in emoji benchmark), convert manifests to shards.")
@@ -118,6 +118,7 @@ def shard(
     list_slots: Optional[str] = typer.Option(None, "--list-slots", help="Slot names for a research-format 'caption' list (as data.list_slots)."),
     on_bad_row: str = typer.Option("error", "--on-bad-row", help="A malformed row: error (stop, naming file:line) | skip (count it)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Also store the captions' token ids for this model's tokenizer (its model.name), so training tokenises nothing."),
 ) -> None:
     """Convert a JSONL / CSV manifest and its images into webdataset shards (jpg|png|webp + json
     with named captions) and sizes.json. Resumable: re-run the same command after an interruption."""
@@ -130,7 +131,7 @@ def shard(
             raise ValueError(f"--on-bad-row must be error or skip, got {on_bad_row!r}")
         rep = shard_manifest(manifest, out, shard_size=shard_size, workers=workers, slots=comma_list(slots),
                              missing_slot_policy=missing, list_slots=comma_list(list_slots),
-                             on_bad_row=on_bad_row, progress=progress)
+                             on_bad_row=on_bad_row, progress=progress, tokenizer=model_tokenizer(tokenizer))
     except (DataError, ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .manifest import LoadedManifest, load_manifest  # noqa: F401  (imported from here by callers)
 from .records import DataError
+from .tokens import stack_tokens
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,8 @@ class Collate:
         if self.text_cache is not None:
             out["text_trunk_features"] = self.text_cache.lookup(flat).view(batch_size, num_slots, -1)
             out["truncated"] = 0
+        elif (stored := stack_tokens(items, self.tokenizer, self.context_length)) is not None:
+            out["texts"], out["truncated"] = stored  # pre-tokenised shards: nothing tokenised here
         else:
             tokens = self.tokenizer(flat)
             out["texts"] = tokens.view(batch_size, num_slots, -1)

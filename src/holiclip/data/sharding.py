@@ -6,7 +6,8 @@ image file's own bytes; other formats are converted to PNG once) and ``<key>.jso
 ``{"captions": {slot: text}, ...}``, written with webdataset's ``TarWriter``; ``sizes.json``
 beside them maps each shard file to its sample count (the file open_clip and ``data.train``
 read for the epoch length). Keys are the row's position (``000001234``), so they are unique
-across shards.
+across shards. With a tokenizer (``--tokenizer MODEL``) each sample also holds ``<key>.tokens.npy``,
+its captions' token ids, and its json a ``tokens`` field (:mod:`holiclip.data.tokens`).
 
 Shard ``k`` holds rows ``k * shard_size`` to ``(k + 1) * shard_size - 1`` of the input, so its
 content depends only on the input. Shards are written in parallel processes, each to a
@@ -37,6 +38,7 @@ from ..io import atomic_path, read_json
 from .readers import read_samples
 from .records import DataError, apply_missing_slot_policy, missing_slots
 from . import webdataset as wd
+from .tokens import token_members, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,12 @@ def _json_bytes(payload: dict) -> bytes:
 
 # -- one shard (runs in a worker process) ----------------------------------------------------------
 _TARS: _TarImages | None = None
+_TOKENIZER = None  # with --tokenizer: each sample also gets its captions' token ids (holiclip.data.tokens)
+
+
+def _set_tokenizer(tokenizer) -> None:
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
 
 
 def _write_shard(out: str, index: int, items: list[tuple[str, object, bytes, str]], digest: str) -> dict:
@@ -236,7 +244,12 @@ def _write_shard(out: str, index: int, items: list[tuple[str, object, bytes, str
                         record["problems"].append(f"{where}: {problem}")
                     continue
                 record["converted"] += converted
-                sink.write({"__key__": key, ext: data, "json": payload})
+                sample = {"__key__": key, ext: data, "json": payload}
+                if _TOKENIZER is not None:
+                    row = json.loads(payload)
+                    sample[wd.TOKENS_MEMBER], row["tokens"] = token_members(_TOKENIZER, row["captions"])
+                    sample["json"] = _json_bytes(row)
+                sink.write(sample)
                 record["count"] += 1
     if not record["count"]:  # no image found for any row: no empty shard for readers to trip on
         final.unlink()
@@ -254,8 +267,9 @@ def _record_path(out: str | Path, name: str) -> Path:
 
 
 # -- the writer ------------------------------------------------------------------------------------
-def _digest(items: Sequence[tuple[str, object, bytes, str]]) -> str:
+def _digest(items: Sequence[tuple[str, object, bytes, str]], tokens: str = "") -> str:
     h = hashlib.blake2b(digest_size=16)
+    h.update(tokens.encode() + b"\0")  # the tokenizer of stored ids ("" for none): another one redoes the shard
     for key, image, payload, _ in items:
         for part in (key, _image_label(image)):
             h.update(part.encode("utf-8", "surrogatepass") + b"\0")
@@ -303,7 +317,7 @@ def _groups(rows: Iterable[ShardRow], shard_size: int, key_width: int) -> Iterat
         yield index, group
 
 
-def _pool(workers: int) -> ProcessPoolExecutor | None:
+def _pool(workers: int, tokenizer=None) -> ProcessPoolExecutor | None:
     if workers <= 1:
         return None
     from holiclip._extras import require
@@ -312,13 +326,15 @@ def _pool(workers: int) -> ProcessPoolExecutor | None:
 
     # fork where the system has it: workers start at once and share the parent's imports
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                               initializer=_set_tokenizer, initargs=(tokenizer,))
 
 
 def write_shards(rows: Iterable[ShardRow], out: str | os.PathLike, *, shard_size: int = 1000, workers: int = 1,
                  total: int | None = None, progress: bool = True, desc: str = "shards",
-                 report: ShardReport | None = None) -> ShardReport:
-    """Writes ``rows`` (read once, as they come) into shards under ``out``; see the module docstring."""
+                 report: ShardReport | None = None, tokenizer=None) -> ShardReport:
+    """Writes ``rows`` (read once, as they come) into shards under ``out``; see the module docstring.
+    With ``tokenizer``, every sample also holds its captions' token ids (:mod:`holiclip.data.tokens`)."""
     if shard_size < 1:
         raise ValueError(f"shard size must be at least 1, got {shard_size}")
     if workers < 1:
@@ -334,7 +350,9 @@ def write_shards(rows: Iterable[ShardRow], out: str | os.PathLike, *, shard_size
     rep = report or ShardReport()
     rep.out = str(out)
     records: dict[int, dict] = {}
-    pool = _pool(workers)
+    tokens = tokenizer_identity(tokenizer)["digest"] if tokenizer is not None else ""
+    pool = _pool(workers, tokenizer)
+    _set_tokenizer(tokenizer)  # for shards written in this process
     pending: dict[Future, int] = {}
     bar = tqdm(total=total, desc=desc, unit=" img", disable=not progress)
 
@@ -348,7 +366,7 @@ def write_shards(rows: Iterable[ShardRow], out: str | os.PathLike, *, shard_size
 
     try:
         for index, items in _groups(rows, shard_size, key_width=9):
-            digest = _digest(items)
+            digest = _digest(items, tokens)
             record = done.get(index)
             if record is not None and record.get("digest") == digest:
                 records[index] = record
@@ -369,6 +387,7 @@ def write_shards(rows: Iterable[ShardRow], out: str | os.PathLike, *, shard_size
             collect(block=True)
     finally:
         bar.close()
+        _set_tokenizer(None)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -408,7 +427,7 @@ def count_lines(path: str | os.PathLike) -> int:
 def shard_manifest(
     manifest: str | os.PathLike, out: str | os.PathLike, *, shard_size: int = 1000, workers: int = 1,
     slots: Sequence[str] | None = None, missing_slot_policy: str = "error", list_slots: Sequence[str] | None = None,
-    on_bad_row: str = "error", progress: bool = True,
+    on_bad_row: str = "error", progress: bool = True, tokenizer=None,
 ) -> ShardReport:
     """A JSONL / CSV manifest and its image files -> shards under ``out``.
 
@@ -443,7 +462,7 @@ def shard_manifest(
 
     total = count_lines(manifest) - (1 if text.endswith((".csv", ".tsv")) else 0)
     write_shards(rows(), out, shard_size=shard_size, workers=workers, total=total, progress=progress,
-                 desc="data shard", report=rep)
+                 desc="data shard", report=rep, tokenizer=tokenizer)
     rep.bad_rows = stats.get("bad_rows", 0)
     rep.bad_row_examples = list(stats.get("bad_examples", []))
     if not rep.rows:

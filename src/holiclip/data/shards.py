@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .loader import DEFAULT_MAX_IMAGE_PIXELS, MAX_SUBSTITUTIONS, UNREADABLE, EpochSplit, SplitEpochs, open_image
 from .records import DataError, apply_missing_slot_policy, missing_slots
+from .tokens import stored_tokens
 from .webdataset import SCHEME as _SCHEME, TEXT_MEMBERS, image_member, json_row, no_image, sample_captions
 from .webdataset import shard_urls  # noqa: F401  (imported from here by callers)
 
@@ -521,8 +522,15 @@ class ShardStream(SplitEpochs, IterableDataset):
         if isinstance(raw, Missing):
             raise self._row_problem(f"{url}:#{offset}", f"sample missing: {raw.reason}")
         where = f"{url}:{raw.get('__key__')}"
-        texts = self._texts(raw, where)
-        return {"image": self._image(raw, where, index), "texts": texts, "index": index, "bad": []}
+        texts, captions, row = self._parse(raw, where)
+        item = {"image": self._image(raw, where, index), "texts": texts, "index": index, "bad": []}
+        try:  # pre-tokenised shards: Collate stacks these ids instead of tokenising
+            tokens = stored_tokens(raw, row, captions, self.slots, self.missing_slot_policy, where)
+        except DataError as err:
+            raise self._row_problem(where, str(err).removeprefix(f"{where}: ")) from None
+        if tokens is not None:
+            item["tokens"] = tokens
+        return item
 
 
 def _as_is(batch):

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data.tokens import tokenizer_digest  # noqa: F401  (imported from here by callers)
 from ..io import atomic_path
 
 SEGMENT = re.compile(r"seg-(\d{6,})\.keys\.npy")
@@ -59,22 +60,6 @@ RELEASE = getattr(mmap, "MADV_DONTNEED", None)  # on a shared read-only map: dro
 
 class TextCacheMiss(LookupError):
     """A text looked up in a cache that was not filled with it."""
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """What decides the token ids: the full vocabulary/merges/normaliser and the context length."""
-    h = hashlib.sha256(f"{type(tokenizer).__name__}|{getattr(tokenizer, 'context_length', '')}".encode())
-    hf = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
-    if hf is not None and hasattr(hf, "backend_tokenizer"):
-        h.update(hf.backend_tokenizer.to_str().encode())
-    elif hf is not None:
-        h.update(json.dumps(sorted(hf.get_vocab().items())).encode())
-    elif hasattr(tokenizer, "encoder"):  # open_clip's SimpleTokenizer
-        h.update(json.dumps(sorted(tokenizer.encoder.items())).encode())
-        h.update(json.dumps(sorted(f"{a} {b}={r}" for (a, b), r in tokenizer.bpe_ranks.items())).encode())
-    else:
-        raise TypeError(f"cannot fingerprint tokenizer {type(tokenizer).__name__} for the text cache")
-    return h.hexdigest()
 
 
 def trunk_digest(model) -> str:
