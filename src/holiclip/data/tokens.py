@@ -20,13 +20,15 @@ import hashlib
 import io
 import json
 import weakref
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from .records import DataError, has_text, parse_policy
 from .webdataset import TOKENS_MEMBER
+
+if TYPE_CHECKING:
+    import torch
 
 _IDENTITIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -128,5 +130,7 @@ def stack_tokens(items: Sequence[dict], tokenizer, context_length: int) -> tuple
                             f"context length is {context_length}")
     if not all(stored):
         return None
+    import torch  # here: the shard writer and captioning import this module without torch
+
     ids = torch.from_numpy(np.stack([s["ids"] for s in stored]).astype(np.int64))
     return ids, sum(n > context_length for s in stored for n in s["lengths"])
