@@ -123,3 +123,17 @@ def test_training_on_pretokenised_shards_gives_the_same_weights(tmp_path):
     (ca, a), (cb, b) = runs["plain"], runs["tokens"]
     assert ca == cb and ca["truncated"] >= 1  # row 2's long caption, from the stored lengths
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_tokens_member_is_a_bad_row_named_by_shard_and_key(tmp_path, tokenizer):
+    from tests.helpers.shards import write_shards
+
+    def damaged(n, sample):
+        row = json.loads(sample["json"])
+        row["tokens"] = {"tokenizer": {"name": "x", "digest": "y"}, "slots": ["web"], "lengths": [3]}
+        return {**sample, "json": json.dumps(row).encode(), TOKENS_MEMBER: b"not an npy file"}
+
+    write_shards(tmp_path, [4], members=lambda n, s: damaged(n, s) if n == 2 else s)
+    with pytest.raises(DataError, match=r"shard-000000\.tar:000002: unreadable tokens\.npy member or json 'tokens' "
+                                        r"field .*data\.on_bad_row=skip skips such samples"):
+        list(ShardStream(str(tmp_path), ["web"], 4, to_tensor, Collate(tokenizer, 77), shuffle_buffer=0).loader())

@@ -486,6 +486,9 @@ class ShardStream(SplitEpochs, IterableDataset):
             raise DataError(f"{where}: {message} (data.on_bad_row=skip skips such samples)")
         return _Skip("bad_rows", f"{where}: {message}")
 
+    def _bad_row(self, where: str, err: DataError) -> _Skip:
+        return self._row_problem(where, str(err).removeprefix(f"{where}: "))
+
     def _texts(self, raw: dict, where: str, image: bool = True) -> list[str]:
         return self._parse(raw, where, image)[0]
 
@@ -498,7 +501,7 @@ class ShardStream(SplitEpochs, IterableDataset):
             row = json_row(raw, where)
             captions = sample_captions(raw, where, self.list_slots, row)
         except DataError as err:
-            raise self._row_problem(where, str(err).removeprefix(f"{where}: ")) from None
+            raise self._bad_row(where, err) from None
         texts = apply_missing_slot_policy(captions, self.slots, self.missing_slot_policy, where)
         if texts is None:
             gone = ", ".join(map(repr, missing_slots(captions, self.slots)))
@@ -527,7 +530,7 @@ class ShardStream(SplitEpochs, IterableDataset):
         try:  # pre-tokenised shards: Collate stacks these ids instead of tokenising
             tokens = stored_tokens(raw, row, captions, self.slots, self.missing_slot_policy, where)
         except DataError as err:
-            raise self._row_problem(where, str(err).removeprefix(f"{where}: ")) from None
+            raise self._bad_row(where, err) from None
         if tokens is not None:
             item["tokens"] = tokens
         return item
