@@ -580,7 +580,8 @@ def fill_text_cache(cache: TextCache, dataset, model, tokenizer, device="cpu", r
     if todo:
         mine = todo[rank::world_size]
         mine = [sources[i] for i in mine] if rank == 0 else text_sources(dataset, mine)
-        fill = partial(cache.fill, mine, model, tokenizer, device, batch_size=batch_size, progress=progress and rank == 0)
+        fill = partial(cache.fill, mine, model, tokenizer, device, batch_size=batch_size,
+                       progress=progress and rank == 0)
         got = fill() if world_size == 1 else _fill_and_wait(cache, fill, launch, rank, world_size, poll)
         counts.update(read=got["sources"], texts=got["texts"], new=got["new"])
     cache.refresh()

@@ -123,8 +123,9 @@ class Trainer:
         self.text_cache, self.text_cache_filled = None, None
         if cfg.data.text_cache == "auto" and self.model.text_trunk_frozen():
             self.text_cache = TextCache.open(cfg.run.cache_dir, self.model, self.tokenizer)
-            self.text_cache_filled = filled = fill_text_cache(self.text_cache, self.dataset, self.model, self.tokenizer, self.device,
+            filled = fill_text_cache(self.text_cache, self.dataset, self.model, self.tokenizer, self.device,
                                      self.dist.rank, self.dist.world_size, progress=cfg.run.progress)
+            self.text_cache_filled = filled
             if self.dist.is_main:
                 log.info("text cache %s: %d of %d sources complete already, %d read over %d ranks: %d texts, "
                          "%d new features, %d in all", self.text_cache.path, filled["complete"], filled["sources"],
