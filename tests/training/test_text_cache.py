@@ -260,6 +260,30 @@ def test_complete_shards_are_not_read_again_until_they_change(tmp_path, monkeypa
     torch.testing.assert_close(TextCache(tmp_path / "c").lookup(texts), want(texts))
 
 
+def test_manifest_rows_are_recorded_complete_by_block(tmp_path, monkeypatch):
+    from holiclip.data.loader import MultiTextDataset, load_manifest
+    from holiclip.training import text_cache
+    from holiclip.training.text_cache import fill_text_cache
+
+    from tests.helpers.training import SLOTS
+
+    monkeypatch.setattr(text_cache, "MANIFEST_ROWS", 3)
+    data = make_dataset(tmp_path, n=8)
+    slots = SLOTS.strip("[]").split(",")
+
+    def fill():
+        dataset = MultiTextDataset(load_manifest(data, slots), transform=None)
+        return fill_text_cache(TextCache(tmp_path / "c"), dataset, StandInTrunk(), CharTokenizer(), progress=False)
+
+    assert fill()["read"] == 3  # rows 0-2, 3-5, 6-7
+    assert fill() == {"sources": 3, "complete": 3, "read": 0, "texts": 0, "new": 0, "rows": 24}
+    lines = data.read_text().splitlines()
+    lines[4] = lines[4].replace("picture number 4", "picture number four")
+    data.write_text("\n".join(lines) + "\n")
+    got = fill()
+    assert (got["complete"], got["read"], got["new"]) == (2, 1, 1)  # the block holding row 4 alone
+
+
 def test_damaged_shard_is_cached_up_to_the_damage_and_read_again_next_time(tmp_path, monkeypatch, caplog):
     from holiclip.training.text_cache import fill_text_cache
 

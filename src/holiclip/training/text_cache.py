@@ -314,15 +314,16 @@ def text_sources(dataset, only: Sequence[int] | None = None) -> list[TextSource]
     count = -(-len(rows) // MANIFEST_ROWS)
     out = []
     for b in range(count) if only is None else only:
-        block = rows[b * MANIFEST_ROWS: (b + 1) * MANIFEST_ROWS]
-        out.append(TextSource(_digest(["rows", block]), f"manifest rows {b * MANIFEST_ROWS}-"
-                              f"{b * MANIFEST_ROWS + len(block) - 1}", partial(_flatten, block)))
+        lo, hi = b * MANIFEST_ROWS, min((b + 1) * MANIFEST_ROWS, len(rows))
+        # the block's texts are read for its key and again when filled, never held (manifests are compact)
+        out.append(TextSource(_digest(["rows", rows[lo:hi]]), f"manifest rows {lo}-{hi - 1}",
+                              partial(_row_texts, rows, lo, hi)))
     return out
 
 
-def _flatten(rows: Sequence[Sequence[str]]) -> Iterator[str]:
-    for texts in rows:
-        yield from texts
+def _row_texts(rows, lo: int, hi: int) -> Iterator[str]:
+    for i in range(lo, hi):
+        yield from rows[i]
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[tuple[list[str], list[TextSource]]]:
@@ -578,10 +579,12 @@ def fill_text_cache(cache: TextCache, dataset, model, tokenizer, device="cpu", r
     todo, total, launch = on_main(plan, rank == 0)
     counts = {"sources": total, "complete": total - len(todo), "read": 0, "texts": 0, "new": 0}
     if todo:
-        mine = todo[rank::world_size]
-        mine = [sources[i] for i in mine] if rank == 0 else text_sources(dataset, mine)
-        fill = partial(cache.fill, mine, model, tokenizer, device, batch_size=batch_size,
-                       progress=progress and rank == 0)
+        share = todo[rank::world_size]
+
+        def fill():  # any error in here reaches the other ranks (_fill_and_wait)
+            mine = [sources[i] for i in share] if rank == 0 else text_sources(dataset, share)
+            return cache.fill(mine, model, tokenizer, device, batch_size=batch_size, progress=progress and rank == 0)
+
         got = fill() if world_size == 1 else _fill_and_wait(cache, fill, launch, rank, world_size, poll)
         counts.update(read=got["sources"], texts=got["texts"], new=got["new"])
     cache.refresh()
