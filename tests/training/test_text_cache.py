@@ -18,42 +18,9 @@ from holiclip.models.registry import create_model, get_tokenizer
 from holiclip.training.text_cache import TextCache, TextCacheMiss, _find, cache_path, text_hashes
 from holiclip.training.trainer import Trainer
 
-from tests.helpers.datasets import make_dataset
+from tests.helpers.datasets import captions, make_dataset
+from tests.helpers.text_cache import CharTokenizer, StandInTrunk, want
 from tests.helpers.training import cfg_for
-
-
-class CharTokenizer:
-    """Stand-in tokenizer: character codes, padded with 0."""
-
-    context_length = 12
-
-    def __call__(self, texts):
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids = [min(ord(c), 998) + 1 for c in t[: self.context_length]]
-            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
-
-
-class StandInTrunk(torch.nn.Module):
-    """A text trunk whose output depends on the text alone; counts the texts it computes."""
-
-    def __init__(self, width: int = 8, fail_after: int | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(1000, width)
-        self.computed, self.fail_after = 0, fail_after
-
-    def text_trunk(self, tokens):
-        if self.fail_after is not None and self.computed >= self.fail_after:
-            raise RuntimeError("trunk failed")
-        self.computed += len(tokens)
-        return self.emb(tokens).sum(1)
-
-
-def want(texts, trunk=None):
-    with torch.no_grad():
-        return (trunk or StandInTrunk()).text_trunk(CharTokenizer()(list(texts)))
 
 
 def minilm():
@@ -77,9 +44,9 @@ def test_text_cache_grows_and_matches_the_trunk(tmp_path):
     folder = cache_path(tmp_path, model, tok)
     assert more.path == folder and folder.is_dir()
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["lock", "seg-000000.features.npy", "seg-000000.keys.npy",
-                     "seg-000001.features.npy", "seg-000001.keys.npy"]
-    for name in files[1:]:  # plain arrays, readable without pickle; the texts are not stored
+    assert files == ["seg-000000.claim", "seg-000000.features.npy", "seg-000000.keys.npy",
+                     "seg-000001.claim", "seg-000001.features.npy", "seg-000001.keys.npy"]
+    for name in (n for n in files if n.endswith(".npy")):  # plain arrays, readable without pickle; the texts are not stored
         np.load(folder / name, allow_pickle=False)
         assert b"apple" not in (folder / name).read_bytes()
 
@@ -189,6 +156,168 @@ def test_concurrent_runs_append_without_losing_or_tearing_segments(tmp_path):
     assert not [n for n in names if n.startswith(".tmp")]
     cache = TextCache(folder)
     torch.testing.assert_close(cache.lookup(a + b), want(a + b))
+
+
+def test_writers_on_nodes_without_a_shared_lock_keep_both_their_segments(tmp_path, monkeypatch):
+    """flock is node-local on many cluster file systems (Lustre localflock, some NFS): two nodes'
+    writers publish at the same moment. Here the lock is a no-op and both writers are held until
+    each is about to move its features into place: each must still get its own segment number."""
+    import fcntl
+    import threading
+
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: None)  # what a node-local lock is to another node
+    both = threading.Barrier(2, timeout=10)
+    replace, held = os.replace, set()
+
+    def meeting_replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(".features.npy") and threading.get_ident() not in held:
+            held.add(threading.get_ident())
+            both.wait()  # each has chosen its number, neither has published yet
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", meeting_replace)
+    folder = tmp_path / "c"
+    texts = {"a": [f"writer a {i}" for i in range(5)], "b": [f"writer b {i}" for i in range(5)]}
+    errors = []
+
+    def write(name):
+        try:
+            TextCache(folder).ensure(texts[name], StandInTrunk(), CharTokenizer(), progress=False)
+        except Exception as err:  # seen by the test below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    cache = TextCache(folder)
+    assert len(cache) == 10 and sorted(n for n in os.listdir(folder) if n.endswith(".keys.npy")) == [
+        "seg-000000.keys.npy", "seg-000001.keys.npy"]
+    torch.testing.assert_close(cache.lookup(texts["a"] + texts["b"]), want(texts["a"] + texts["b"]))
+
+
+def test_claimed_number_of_a_writer_that_died_is_passed_over(tmp_path):
+    folder = tmp_path / "c"
+    cache = TextCache(folder)
+    cache.ensure(["first"], StandInTrunk(), CharTokenizer(), progress=False)
+    (folder / "seg-000001.claim").touch()  # claimed, never published
+    cache.ensure(["second"], StandInTrunk(), CharTokenizer(), progress=False)
+    assert sorted(n for n in os.listdir(folder) if n.endswith(".keys.npy")) == [
+        "seg-000000.keys.npy", "seg-000002.keys.npy"]
+    torch.testing.assert_close(TextCache(folder).lookup(["second", "first"]), want(["second", "first"]))
+
+
+# -- completion records and the text pass over shards -------------------------------------------------
+def shard_stream(root, **kw):
+    from holiclip.data.shards import ShardStream
+
+    from tests.helpers.shards import SLOTS
+
+    return ShardStream(str(root), SLOTS, 2, transform=None, **kw)
+
+
+def count_reads(monkeypatch) -> list[str]:
+    """Every shard opened from here on (for its texts, samples or count), by URL."""
+    from holiclip.data import shards
+
+    opened = []
+    for name in ("tar_members", "_open"):
+        def counted(url, *args, _real=getattr(shards, name), **kwargs):
+            opened.append(str(url))
+            return _real(url, *args, **kwargs)
+        monkeypatch.setattr(shards, name, counted)
+    return opened
+
+
+def test_complete_shards_are_not_read_again_until_they_change(tmp_path, monkeypatch):
+    from holiclip.training.text_cache import fill_text_cache
+
+    from tests.helpers.shards import write_shards
+
+    paths = write_shards(tmp_path / "shards", [3, 4, 2])
+    opened = count_reads(monkeypatch)
+    trunk, tok = StandInTrunk(), CharTokenizer()
+    first = fill_text_cache(TextCache(tmp_path / "c"), shard_stream(tmp_path / "shards"), trunk, tok, progress=False)
+    assert first == {"sources": 3, "complete": 0, "read": 3, "texts": 27, "new": 27, "rows": 27}
+    assert sorted(opened) == sorted(map(str, paths))
+    opened.clear()
+    again = fill_text_cache(TextCache(tmp_path / "c"), shard_stream(tmp_path / "shards"), trunk, tok, progress=False)
+    assert again == {"sources": 3, "complete": 3, "read": 0, "texts": 0, "new": 0, "rows": 27} and opened == []
+    # the slots decide the texts: another choice is another source
+    other = shard_stream(tmp_path / "shards", missing_slot_policy="fill:web")
+    other.slots = ["web", "main"]
+    assert fill_text_cache(TextCache(tmp_path / "c"), other, trunk, tok, progress=False)["read"] == 3
+    opened.clear()
+    # a shard written again (new captions): read again, its new texts cached
+    write_shards(tmp_path / "new", [3, 4, 2], members=lambda i, s: {**s, "json": s["json"].replace(b"#", b"# new ")})
+    os.replace(tmp_path / "new" / "shard-000001.tar", paths[1])
+    stream = shard_stream(tmp_path / "shards")
+    got = fill_text_cache(TextCache(tmp_path / "c"), stream, trunk, tok, progress=False)
+    assert got["read"] == 1 and got["new"] == 4 and opened == [str(paths[1])]  # its 4 new web captions
+    texts = list(stream.iter_texts())
+    torch.testing.assert_close(TextCache(tmp_path / "c").lookup(texts), want(texts))
+
+
+def test_manifest_rows_are_recorded_complete_by_block(tmp_path, monkeypatch):
+    from holiclip.data.loader import MultiTextDataset, load_manifest
+    from holiclip.training import text_cache
+    from holiclip.training.text_cache import fill_text_cache
+
+    from tests.helpers.training import SLOTS
+
+    monkeypatch.setattr(text_cache, "MANIFEST_ROWS", 3)
+    data = make_dataset(tmp_path, n=8)
+    slots = SLOTS.strip("[]").split(",")
+
+    def fill():
+        dataset = MultiTextDataset(load_manifest(data, slots), transform=None)
+        return fill_text_cache(TextCache(tmp_path / "c"), dataset, StandInTrunk(), CharTokenizer(), progress=False)
+
+    assert fill()["read"] == 3  # rows 0-2, 3-5, 6-7
+    assert fill() == {"sources": 3, "complete": 3, "read": 0, "texts": 0, "new": 0, "rows": 24}
+    lines = data.read_text().splitlines()
+    lines[4] = lines[4].replace("picture number 4", "picture number four")
+    data.write_text("\n".join(lines) + "\n")
+    got = fill()
+    assert (got["complete"], got["read"], got["new"]) == (2, 1, 1)  # the block holding row 4 alone
+
+
+def test_damaged_shard_is_cached_up_to_the_damage_and_read_again_next_time(tmp_path, monkeypatch, caplog):
+    from holiclip.training.text_cache import fill_text_cache
+
+    from tests.helpers.shards import write_shards
+
+    paths = write_shards(tmp_path / "shards", [4, 3])
+    paths[0].write_bytes(paths[0].read_bytes()[:9000])  # truncated in its third sample (4 KiB each)
+    opened = count_reads(monkeypatch)
+    for launch in range(2):  # the second launch reads the damaged shard alone
+        got = fill_text_cache(TextCache(tmp_path / "c"), shard_stream(tmp_path / "shards"), StandInTrunk(),
+                              CharTokenizer(), progress=False)
+        assert (got["complete"], got["read"]) == (launch, 2 - launch)
+    assert opened.count(str(paths[0])) == 2 and opened.count(str(paths[1])) == 1
+    before_damage = list(captions(0).values())  # the first sample's texts
+    torch.testing.assert_close(TextCache(tmp_path / "c").lookup(before_damage), want(before_damage))
+    assert "shard-000000.tar: damaged tar" in caplog.text and "read again next time" in caplog.text
+
+
+def test_text_pass_reads_no_image_bytes_of_a_local_shard(tmp_path):
+    from holiclip.data.shards import count_samples
+
+    from tests.helpers.shards import write_shards
+
+    big = os.urandom(1 << 20)  # 1 MiB "images": 8 MiB of shard
+    write_shards(tmp_path, [8], members=lambda i, s: {**s, "png": big})
+
+    def read_bytes():
+        return int(next(line for line in open("/proc/self/io") if line.startswith("rchar")).split()[1])
+
+    stream = shard_stream(tmp_path)
+    before = read_bytes()
+    texts = list(stream.iter_texts())
+    assert len(texts) == 8 * 3 and count_samples(str(tmp_path / "shard-000000.tar")) == 8
+    assert read_bytes() - before < 256 * 1024  # tar headers and json members only, twice
 
 
 def test_collate_gathers_trunk_features_in_loader_workers(tmp_path):

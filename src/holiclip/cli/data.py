@@ -1,14 +1,15 @@
-"""`holiclip data`: build and inspect datasets (the built-in emoji benchmark); convert manifests into shards."""
+"""`holiclip data`: build and inspect datasets (the built-in emoji benchmark); convert manifests into shards;
+prepare shards for a multi-GPU launch (sizes.json, the text-feature cache)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ._options import comma_list, model_tokenizer
+from ._options import comma_list, model_tokenizer, train_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Build and inspect datasets (built-in emoji benchmark), convert manifests to shards.")
@@ -137,3 +138,54 @@ def shard(
         raise typer.Exit(2)
     for line in rep.lines():
         typer.echo(line)
+
+
+@app.command()
+def sizes(
+    shards: List[str] = typer.Argument(..., help="Shards: a folder of .tar files, a brace pattern "
+                                                 "(dir/shard-{000000..000099}.tar) or .tar files."),
+    workers: int = typer.Option(4, "--workers", min=1, help="Processes counting shards in parallel."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Count the samples of webdataset shards and write sizes.json beside them.
+
+    A pass over each shard's tar headers (no image is read); with sizes.json no training launch
+    counts the shards."""
+    from holiclip.data.records import DataError
+    from holiclip.data.shards import shard_urls, write_sizes
+
+    try:
+        urls = []
+        for item in shards:
+            found = shard_urls(item)
+            if not found:
+                raise DataError(f"{item}: no webdataset shards (.tar files) found")
+            urls += found
+        written = write_sizes(urls, workers=workers, progress=progress)
+    except DataError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    for path, (count, samples) in written.items():
+        typer.echo(f"{path}: {count} shards, {samples:,} samples")
+
+
+@app.command("cache-texts")
+def cache_texts(
+    config: Optional[Path] = typer.Argument(None, help="The training YAML config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides, as for train."),
+) -> None:
+    """Fill the locked text trunk's feature cache with a training config's texts, before torchrun.
+
+    What the start of `holiclip train` does: run it once before a multi-GPU launch, so that the
+    launch reads no shard for the cache. Under torchrun the ranks share the work; shards recorded
+    complete are not read again."""
+    from holiclip.data.records import DataError
+    from holiclip.training.trainer import cache_texts as fill
+
+    try:
+        got = fill(train_config(config, overrides))
+    except (DataError, KeyError, ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"text cache {got['path']}: {got['sources']} sources ({got['complete']} complete already, "
+               f"{got['read']} read), {got['texts']:,} texts read, {got['new']:,} new features, {got['rows']:,} in all")

@@ -25,17 +25,11 @@ def app(
 ) -> None:
     """Train Holistic CLIP (or the CLIP / O2M baselines) in one process or under torchrun."""
     from ..data.records import DataError
-    from ..training.config import load_config
     from ..training.trainer import NonFiniteLoss, train
+    from ._options import train_config
 
-    items = list(overrides or [])
-    if config is not None and "=" in str(config) and not Path(config).exists():
-        items.insert(0, str(config))
-        config = None
-    if out:
-        items.append(f"run.out={out}")
     try:
-        cfg = load_config(config, items)
+        cfg = train_config(config, overrides, *([f"run.out={out}"] if out else []))
         result = train(cfg, resume=resume, overwrite=overwrite, allow_world_size_change=allow_world_size_change)
     except (DataError, NonFiniteLoss, KeyError, ValueError, FileNotFoundError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

@@ -170,33 +170,104 @@ def read_shard(url: str, lo: int = 0, hi: int | None = None, text_only: bool = F
         nxt += 1
 
 
+class ShardDamaged(DataError):
+    """A shard that cannot be opened (``opened`` False) or read to its end."""
+
+    def __init__(self, message: str, opened: bool = True):
+        super().__init__(message)
+        self.opened = opened
+
+
+def tar_members(url: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, data)`` of one shard's members, in order, as webdataset's tar iterator lists them
+    (regular files, not its ``__...__`` metadata); ``data`` is read only for the names ``wanted``
+    accepts, else None.
+
+    A local shard is opened for random access: the members passed over are seeked past, not read
+    (only their 512-byte headers are). Other URLs are a stream, whose skipped bytes are still read
+    (but not copied out). An unreadable or damaged tar raises :class:`ShardDamaged` where it fails.
+    """
+    import tarfile
+
+    from webdataset.tariterators import meta_prefix, meta_suffix
+
+    skip_meta = re.compile(r"__[^/]*__($|/)")
+    local = _local(url)
+    try:  # unbuffered: a header read after a seek asks for its 512 bytes, not a buffer's 8 KiB
+        fileobj = open(local, "rb", buffering=0) if local is not None else _open(url)
+    except Exception as exn:  # a missing file, a failing command, an unknown scheme
+        raise ShardDamaged(f"{url}: cannot open the shard ({_error_text(exn)})", opened=False) from None
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r:*" if local is not None else "r|*")
+    except Exception as exn:
+        fileobj.close()
+        raise ShardDamaged(f"{url}: damaged tar ({_error_text(exn)})") from None
+    try:
+        while True:
+            try:
+                info = tar.next()
+            except Exception as exn:
+                raise ShardDamaged(f"{url}: damaged tar ({_error_text(exn)})") from None
+            if info is None:
+                return
+            tar.members = []  # the index of members read so far is not needed: memory stays flat
+            name = info.name
+            if not info.isreg() or ("/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)) \
+                    or skip_meta.match(name):
+                continue
+            data = None
+            if wanted(name):
+                try:
+                    data = tar.extractfile(info).read()
+                except Exception as exn:
+                    raise ShardDamaged(f"{url}: damaged tar at {name} ({_error_text(exn)})") from None
+            yield name, data
+    finally:
+        tar.close()
+        fileobj.close()
+
+
+def read_texts(url: str, samples: int | None = None) -> Iterator[dict]:
+    """The text members (json, txt) of the first ``samples`` samples of one shard, as dicts like
+    :func:`read_shard`'s (``__key__``, ``__url__`` and the members); image members are not read
+    (:func:`tar_members`), samples without a text member are passed over."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, sample, seen = None, None, 0
+
+    def wanted(name: str) -> bool:
+        return (base_plus_ext(name)[1] or "").lower() in TEXT_MEMBERS
+
+    for name, data in tar_members(url, wanted):
+        prefix, suffix = base_plus_ext(name)
+        if prefix is None:
+            continue
+        if prefix != key:  # a new sample starts, as webdataset's group_by_keys sees it
+            if sample is not None and len(sample) > 2:
+                yield sample
+            if samples is not None and seen >= samples:
+                return
+            key, sample, seen = prefix, {"__key__": prefix, "__url__": url}, seen + 1
+        if data is not None:
+            sample[suffix.lower()] = data
+    if sample is not None and len(sample) > 2:
+        yield sample
+
+
 def count_samples(url: str) -> int:
-    """Samples in one shard: a pass over its member names, reading no member."""
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    """Samples in one shard: a pass over its member names, reading no member (:func:`tar_members`)."""
+    from webdataset.tariterators import base_plus_ext
 
     keys, last = 0, None
-    errors: list[BaseException] = []
-
-    def select(fname: str) -> bool:
-        nonlocal keys, last
-        prefix, _ = base_plus_ext(fname)
-        if prefix is not None and prefix != last:
-            keys, last = keys + 1, prefix
-        return False
-
     try:
-        stream = _open(url)
-    except Exception as exn:
-        raise DataError(f"{url}: cannot open the shard to count its samples ({_error_text(exn)})") from None
-    try:
-        for _ in tar_file_iterator(stream, select_files=select, handler=lambda e: errors.append(e) and False):
-            pass
-    except Exception as exn:  # a truncated header: the samples up to it count
-        errors.append(exn)
-    finally:
-        stream.close()
-    if errors:
-        log.warning("%s: damaged tar (%s); %d samples counted before the damage", url, _error_text(errors[0]), keys)
+        for name, _ in tar_members(url, lambda name: False):
+            prefix, _ = base_plus_ext(name)
+            if prefix is not None and prefix != last:
+                keys, last = keys + 1, prefix
+    except ShardDamaged as err:  # a truncated tar: the samples up to the damage count
+        if not err.opened:
+            raise DataError(f"{err}: its samples cannot be counted") from None
+        log.warning("%s; %d samples counted before the damage", err, keys)
     return keys
 
 
@@ -229,10 +300,12 @@ def _check_found(urls: Sequence[str]) -> None:
         raise DataError(f"{len(missing)} of {len(urls)} shards not found, first: {', '.join(missing[:3])}")
 
 
-def shard_sizes(urls: Sequence[str]) -> list[int]:
+def shard_sizes(urls: Sequence[str], rank: int = 0, world_size: int = 1) -> list[int]:
     """Samples per shard: from ``sizes.json`` next to the shards ({shard file name: samples},
     open_clip's format), else img2dataset's ``<shard>_stats.json`` (``successes``), else counted
-    by a pass over the shard's member names (logged: it reads every such shard once)."""
+    by a pass over the shard's member names (:func:`count_samples`; logged). Under torchrun every
+    rank calls it: the shards to count are spread over the ranks (rank r counts the r-th,
+    (r + W)-th, ...), then gathered, so no rank waits on one counting them all."""
     _check_found(urls)
     sizes: list[int | None] = []
     tables: dict[str, dict | None] = {}
@@ -253,12 +326,78 @@ def shard_sizes(urls: Sequence[str]) -> list[int]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise DataError(f"{where}: samples of {name} must be a whole number >= 0, got {value!r}")
         sizes.append(value)
-    unknown = [u for u, n in zip(urls, sizes) if n is None]
-    if unknown:
-        log.warning("no %s or *_stats.json gives the samples of %d of %d shards (first: %s): counting them "
-                    "(a pass over each, reading no image); a %s next to the shards skips this",
-                    SIZES_FILE, len(unknown), len(urls), unknown[0], SIZES_FILE)
-    return [n if n is not None else count_samples(u) for u, n in zip(urls, sizes)]
+    unknown = [i for i, n in enumerate(sizes) if n is None]
+    if unknown and rank == 0:
+        log.warning("no %s or *_stats.json gives the samples of %d of %d shards (first: %s): counting them over "
+                    "%d rank(s) (a pass over each shard's member names, reading no image); `holiclip data sizes "
+                    "SHARDS` writes the %s once, so that no launch counts", SIZES_FILE, len(unknown), len(urls),
+                    urls[unknown[0]], world_size, SIZES_FILE)
+    for i, n in _count_spread([urls[i] for i in unknown], rank, world_size):
+        sizes[unknown[i]] = n
+    return sizes
+
+
+def _count_spread(urls: Sequence[str], rank: int, world_size: int) -> list[tuple[int, int]]:
+    """(position, samples) of every shard in ``urls``, each rank counting its share; an error on one
+    rank reaches every rank (it travels in the gather)."""
+    import torch.distributed as dist
+
+    shared = world_size > 1 and dist.is_available() and dist.is_initialized()
+    mine = range(rank, len(urls), world_size) if shared else range(len(urls))
+    try:
+        counted, error = [(i, count_samples(urls[i])) for i in mine], None
+    except Exception as err:  # handed to the other ranks, then raised everywhere
+        counted, error = [], err
+    parts = [(counted, error)]
+    if shared:  # also with nothing to count: every rank takes part whatever it found
+        parts = [None] * world_size
+        dist.all_gather_object(parts, (counted, error))
+    for _, err in parts:
+        if err is not None:
+            raise err
+    return [pair for part, _ in parts for pair in part]
+
+
+def write_sizes(urls: Sequence[str], workers: int = 1, progress: bool = False) -> dict[str, tuple[int, int]]:
+    """Counts the samples of local shards (:func:`count_samples`, ``workers`` processes) and writes
+    them into the ``sizes.json`` beside them, one per folder (entries of other shards are kept).
+    Returns {sizes.json path: (shards written, samples)}."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    from ..io import atomic_path
+
+    remote = [u for u in urls if _local(u) is None]
+    if remote:
+        raise DataError(f"{remote[0]}: sizes.json is written beside local shards only; for remote shards write "
+                        f"{{shard file name: samples}} into a {SIZES_FILE} beside them")
+    _check_found(urls)
+    paths = [_local(u) for u in urls]
+    bar = tqdm(total=len(urls), desc="counting samples", unit=" shards", disable=not progress)
+    if workers > 1 and len(urls) > 1:
+        with ProcessPoolExecutor(min(workers, len(urls))) as pool:
+            counts = []
+            for n in pool.map(count_samples, map(str, paths), chunksize=max(1, len(urls) // (8 * workers))):
+                counts.append(n)
+                bar.update()
+    else:
+        counts = []
+        for p in paths:
+            counts.append(count_samples(str(p)))
+            bar.update()
+    bar.close()
+    by_folder: dict[Path, dict[str, int]] = {}
+    for p, n in zip(paths, counts):
+        by_folder.setdefault(p.parent, {})[p.name] = n
+    written = {}
+    for folder, found in by_folder.items():
+        target = folder / SIZES_FILE
+        table = {**(_read_json(str(target)) or {}), **found}
+        with atomic_path(target) as tmp:
+            tmp.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n", encoding="utf-8")
+        written[str(target)] = (len(found), sum(found.values()))
+    return written
 
 
 # -- the epoch's plan ------------------------------------------------------------------------------------
@@ -467,18 +606,26 @@ class ShardStream(SplitEpochs, IterableDataset):
                 stream._done_with(p)
             yield [stream.start + p for p in taken]
 
-    def iter_texts(self) -> Iterator[str]:
-        """Every training text (all slots of every sample, repeats included) from the json / txt
-        members only; samples the policies leave out are left out."""
-        for url, size in zip(self.urls, self.sizes):
-            for _, raw in read_shard(url, 0, int(size), text_only=True, expected=int(size)):
-                if isinstance(raw, Missing):
-                    continue
+    def iter_texts(self, shards: Sequence[int] | None = None) -> Iterator[str]:
+        """Every training text (all slots of every sample, repeats included) of the shards (indices
+        into ``urls``, all by default), read from their json / txt members only (:func:`read_texts`);
+        samples the policies leave out are left out. A damaged shard raises :class:`ShardDamaged`
+        after its texts up to the damage."""
+        for i in range(len(self.urls)) if shards is None else shards:
+            url = self.urls[i]
+            for raw in read_texts(url, int(self.sizes[i])):
                 try:
-                    texts = self._texts(raw, f"{url}:{raw.get('__key__')}", image=False)
+                    yield from self._texts(raw, f"{url}:{raw['__key__']}", image=False)
                 except _Skip:
                     continue
-                yield from texts
+
+    def text_identity(self, i: int) -> list:
+        """What decides shard ``i``'s training texts, known without reading it: its URL and samples,
+        its bytes and modification time when local, the slot settings."""
+        local = _local(self.urls[i])
+        stat = local.stat() if local is not None else None
+        return [self.urls[i], int(self.sizes[i]), stat and stat.st_size, stat and stat.st_mtime_ns, self.slots,
+                self.list_slots, self.missing_slot_policy]
 
     # -- one sample ------------------------------------------------------------------------------------------
     def _row_problem(self, where: str, message: str) -> _Skip:

@@ -26,7 +26,7 @@ from .config import TrainConfig, save_config
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from .logger import MetricLogger
 from .schedule import create_optimizer, warmup_cosine
-from .text_cache import TextCache
+from .text_cache import TextCache, fill_text_cache
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +118,18 @@ class Trainer:
             self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size, seed=cfg.run.seed,
             max_pixels=cfg.data.max_image_pixels)
         # a frozen text trunk: its features come from an on-disk, memory-mapped cache, gathered per
-        # batch by the loader's workers (never all in memory); a trainable one: nothing is built
-        self.text_cache = None
+        # batch by the loader's workers (never all in memory); a trainable one: nothing is built.
+        # The texts not recorded complete are computed by all ranks, each its share (text_cache.py)
+        self.text_cache, self.text_cache_filled = None, None
         if cfg.data.text_cache == "auto" and self.model.text_trunk_frozen():
-            if self.dist.is_main:  # rank 0 fills the cache; the other ranks then open it
-                self.text_cache = TextCache.open(cfg.run.cache_dir, self.model, self.tokenizer)
-                filled = self.text_cache.ensure(self.dataset.iter_texts(), self.model, self.tokenizer, self.device,
-                                                progress=cfg.run.progress)
-                log.info("text cache %s: %d texts read, %d new features, %d in all", self.text_cache.path,
-                         filled["texts"], filled["new"], filled["rows"])
-            barrier()
-            if not self.dist.is_main:
-                self.text_cache = TextCache.open(cfg.run.cache_dir, self.model, self.tokenizer)
+            self.text_cache = TextCache.open(cfg.run.cache_dir, self.model, self.tokenizer)
+            filled = fill_text_cache(self.text_cache, self.dataset, self.model, self.tokenizer, self.device,
+                                     self.dist.rank, self.dist.world_size, progress=cfg.run.progress)
+            self.text_cache_filled = filled
+            if self.dist.is_main:
+                log.info("text cache %s: %d of %d sources complete already, %d read over %d ranks: %d texts, "
+                         "%d new features, %d in all", self.text_cache.path, filled["complete"], filled["sources"],
+                         filled["read"], self.dist.world_size, filled["texts"], filled["new"], filled["rows"])
         self.sampler = None if self.shards else ResumableBatchSampler(
             len(self.dataset), cfg.optim.batch_size, self.dist.rank, self.dist.world_size, cfg.run.seed
         )
@@ -162,7 +162,7 @@ class Trainer:
         if d.cache_images:
             raise DataError(f"data.cache_images decodes a whole manifest into memory once; webdataset shards "
                             f"(data.train={d.train}) are streamed and decoded as they come: set data.cache_images=false")
-        sizes = ckpt.on_main(lambda: shard_sizes(self.shards), self.dist.is_main)  # read (or counted) once
+        sizes = shard_sizes(self.shards, self.dist.rank, self.dist.world_size)  # read, or counted by all ranks
         stream = ShardStream(
             self.shards, d.slots, self.cfg.optim.batch_size, transform, seed=self.cfg.run.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, shuffle_buffer=d.shuffle_buffer, num_samples=d.train_num_samples,
@@ -432,6 +432,25 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     finally:  # also on error: a process group left behind leaks its sockets or NCCL communicators
         if trainer.dist.owns_group:
             cleanup()
+
+
+def cache_texts(cfg: TrainConfig) -> dict:
+    """Fills the locked text trunk's feature cache with ``cfg``'s training texts, as the start of
+    :func:`train` does, and stops (under torchrun the ranks share the work). Returns the cache
+    folder and the fill's counts (see :func:`holiclip.training.text_cache.fill_text_cache`)."""
+    if cfg.data.text_cache != "auto":
+        raise ValueError(f"data.text_cache={cfg.data.text_cache}: no text cache to fill")
+    trainer = Trainer(cfg)
+    try:
+        trainer._build()
+    finally:
+        if trainer.dist.owns_group:
+            cleanup()
+    if trainer.text_cache is None:
+        raise ValueError(f"no text cache for this config: it is used with a locked text trunk "
+                         f"(model.lock_text=true) and data.text_cache=auto (model.lock_text="
+                         f"{cfg.model.lock_text}, data.text_cache={cfg.data.text_cache})")
+    return {"path": str(trainer.text_cache.path), **trainer.text_cache_filled}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
