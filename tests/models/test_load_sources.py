@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import holiclip
-from holiclip.integrations.hub import ModelSourceError
+from holiclip.models.sources import ModelSourceError
 from holiclip.training.trainer import train
 
 from tests.helpers.datasets import make_dataset
@@ -80,14 +80,14 @@ def test_safetensors_without_metadata_reads_the_config_beside_it(run, tmp_path):
 @pytest.mark.parametrize("case", ["missing", "empty folder", "text file", "damaged checkpoint", "bad config"])
 def test_bad_sources_name_the_path(tmp_path, case):
     if case == "missing":
-        path, match = tmp_path / "nope", "not found; expected a model folder"
+        path, match = tmp_path / "nope", "no such folder or file; expected a model folder"
     elif case == "empty folder":
         path, match = tmp_path, "a folder with neither holiclip_config.json"
     elif case == "text file":
         path, match = tmp_path / "notes.txt", "neither .safetensors nor a step_\\*.pt checkpoint"
         path.write_text("hello")
     elif case == "damaged checkpoint":
-        path, match = tmp_path / "step_00000001.pt", "is unreadable .* truncated or corrupt"
+        path, match = tmp_path / "step_00000001.pt", "is not a torch file of tensors .* damaged"
         path.write_bytes(b"\x80\x02garbage")
     else:
         path, match = tmp_path, "not a holiclip config \\(missing encoder, branches\\)"
