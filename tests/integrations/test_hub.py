@@ -10,7 +10,7 @@ import httpx
 import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
 import holiclip
@@ -18,6 +18,7 @@ from holiclip.integrations.hub import HubUploadError
 from holiclip.models.sources import ModelSourceError
 
 from tests.helpers.datasets import make_dataset
+from tests.helpers.hub import hub_cache, publish  # noqa: F401 (a fixture)
 from tests.helpers.training import cfg_for
 
 BRANCHES = ("web", "detail", "main")
@@ -34,23 +35,6 @@ def run(tmp_path_factory):
     train(cfg_for(tmp, make_dataset(tmp, n=8), tmp / "run"))
     (tmp / "run" / "eval.json").write_text(json.dumps(EVAL))
     return tmp / "run"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline: hf_hub_download answers from it or fails, never the network."""
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def publish(cache: Path, repo_id: str, folder: Path, revision: str = "main", commit: str = "a" * 40) -> None:
-    """Lays files out as hf_hub_download caches them: refs/<revision> -> snapshots/<commit>/<file>."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit, dirs_exist_ok=True)
 
 
 class FakeHfApi:

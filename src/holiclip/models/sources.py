@@ -203,7 +203,7 @@ def checked_config(config: Any, where) -> dict:
 
 
 # -- reading weights safely -------------------------------------------------------------------------
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSAFE_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")  # torch names the refused callable or class
 
 
 def read_torch(path: str | os.PathLike, error: type[Exception] = ModelSourceError, what: str = "file",
