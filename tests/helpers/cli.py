@@ -12,9 +12,11 @@ def invoke(*args):
 
 
 def one_line_error(result) -> str:
-    """The one ``error: ...`` line of a command that refused its input (exit code 2)."""
+    """The one ``error: ...`` line a command that refused its input ends with (exit code 2; what it
+    logged of its progress before may come first)."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
+    errors = [line for line in lines if line.startswith("error")]
+    assert errors == lines[-1:] and lines[-1].startswith("error: "), result.output
+    return lines[-1]
