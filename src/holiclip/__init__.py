@@ -1,7 +1,8 @@
 """holiclip: Holistic CLIP (Wang et al., CVPR 2025, arXiv 2412.00440) on open_clip.
 
 Public API: create_model, create_model_and_transforms (open_clip's), get_tokenizer, list_models, fuse,
-M2MLoss, load_model (folder, file or hf-hub:ORG/NAME), save_model, push_to_hub.
+M2MLoss, load_model (folder, file or hf-hub:ORG/NAME), save_model, save_pretrained (+ a model card),
+push_to_hub.
 
 The API is imported on first use (PEP 562), so that light subpackages (``holiclip.captioning``,
 the command line's ``--help``) do not pay for importing torch and open_clip.
@@ -20,6 +21,7 @@ _API = {
     "HolisticCLIP": ".models.holistic",
     "create_model_and_transforms": ".models.factory",
     "FusedCLIP": ".models.factory",
+    "save_pretrained": ".integrations.hub",
     "push_to_hub": ".integrations.hub",
     **{name: ".models.registry" for name in (
         "create_model", "get_model_config", "get_tokenizer", "get_transforms", "list_models",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,6 +115,20 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "null")
 
 
+_TMP_SUFFIX = ".tmp"
+_TMP_RE = re.compile(r"^(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def unfinished_writes(folder: str | os.PathLike, name: Callable[[str], bool]) -> list[Path]:
+    """The temporary files :func:`atomic_path` left in ``folder`` for target names ``name`` accepts:
+    writes whose process was killed before the rename (a running one's are there too: call this
+    where no other writer can be at work)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"*{_TMP_SUFFIX}") if (m := _TMP_RE.match(p.name)) and name(m["name"]))
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to (with ``torch.save``, ``save_file``, ``open``...).
@@ -124,7 +139,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     (process id and a random part), so concurrent writers never write into each other's file.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
     try:
         yield tmp
         with open(tmp, "rb") as fh:

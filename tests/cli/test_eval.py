@@ -110,3 +110,14 @@ def test_eval_with_only_unreadable_images_is_a_clear_error(tmp_path, tiny_checkp
                               "--out", str(tmp_path / "r.json")])
     assert res.exit_code == 2 and "no readable images" in res.output and "0.png" in res.output
     assert "Traceback" not in res.output
+
+
+def test_every_registered_task_has_its_command():
+    """`@register_task("name")` and `holiclip eval NAME` go together (docs/architecture.md)."""
+    from holiclip.evaluation.tasks import TASKS
+
+    assert {"retrieval", "long-retrieval", "zeroshot", "dense", "diversity"} <= set(TASKS)
+    for name in TASKS:
+        res = runner.invoke(app, ["eval", name, "--help"])
+        assert res.exit_code == 0 and "--checkpoint" in res.output, (name, res.output)
+    assert runner.invoke(app, ["eval", "no-such-task", "--help"]).exit_code == 2

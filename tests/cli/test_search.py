@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from holiclip.cli.app import app
+
+from tests.helpers.cli import invoke, one_line_error
 
 runner = CliRunner()
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230), "white": (250, 250, 250)}
@@ -91,3 +94,69 @@ def test_missing_faiss_is_one_line(command, index, collection, tiny_checkpoint, 
     res = runner.invoke(app, args)
     assert res.exit_code == 2
     assert res.output.strip() == "error: holiclip embed / search needs faiss: pip install 'holiclip[search]'"
+
+
+# -- the index checked when opened and searched: every mismatch one line naming the file and the fix ----
+@pytest.fixture
+def index_copy(index, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(index, tmp_path / "idx"))
+
+
+def test_a_model_of_another_width_is_refused(index, tmp_path):
+    """holi-small (width 256) on an index of holi-tiny (64): never reshaped into 4 queries."""
+    import numpy as np
+    import torch
+
+    import holiclip
+    from holiclip.integrations.search import SearchError, SearchIndex
+
+    torch.manual_seed(0)
+    wide = holiclip.save_model(holiclip.create_model("holi-small", branches=("web", "detail", "main")), tmp_path / "w")
+    line = one_line_error(invoke("search", index, "a red background", "-c", wide))
+    assert f"model {wide} gives embeddings of width 256, the index {index} has width 64" in line
+    idx = SearchIndex.open(index)
+    for shape in ((1, 256), (2, 32), (64,) * 2 + (1,)):
+        with pytest.raises(SearchError, match=r"query embeddings of shape .* whose embeddings have width 64"):
+            idx.search(np.zeros(shape, np.float32), "fused-mean")
+    assert len(idx.search(np.ones(64, np.float32), "fused-mean", k=2)) == 1  # one vector: one query
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_faiss_file_names_the_file_and_the_rebuild(index_copy, damage):
+    target = index_copy / "faiss" / "fused-mean.index"
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"not faiss at all" * 64)
+    line = one_line_error(invoke("search", index_copy, "a red background"))
+    assert f"{target}: not a readable faiss index" in line and "rebuild it with `holiclip embed -c" in line
+    # the command it gives rebuilds the index from its chunks, and the search works again
+    command = line.split("rebuild it with `holiclip ")[1].rstrip("`").split()
+    assert invoke(*command).exit_code == 0
+    assert invoke("search", index_copy, "a red background").exit_code == 0
+
+
+@pytest.mark.parametrize("edit, where, why", [
+    ("short ids", "ids.json", "3 image ids for the 4 rows manifest.json gives"),
+    ("dim", "embeddings/web.npy", "shape (4, 64); manifest.json says (4, 65)"),
+    ("count", "ids.json", "4 image ids for the 5 rows manifest.json gives"),
+    ("no branch file", "manifest.json", "'faiss' lists"),
+    ("ids not a list", "ids.json", "not a list of image ids"),
+])
+def test_an_edited_index_is_named_when_opened(index_copy, edit, where, why):
+    manifest = json.loads((index_copy / "manifest.json").read_text())
+    ids = json.loads((index_copy / "ids.json").read_text())
+    if edit == "short ids":
+        ids = ids[:-1]
+    elif edit == "dim":
+        manifest["dim"] += 1
+    elif edit == "count":
+        manifest["count"] += 1
+    elif edit == "no branch file":
+        del manifest["faiss"]["main"]
+    else:
+        ids = {"ids": ids}
+    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+    (index_copy / "ids.json").write_text(json.dumps(ids))
+    line = one_line_error(invoke("search", index_copy, "a red background"))
+    assert f"{index_copy / where}: {why}" in line and "holiclip embed" in line

@@ -73,3 +73,34 @@ def test_non_utf8_byte_in_csv_names_line(tmp_path):
     path.write_bytes(b"image,web\na.png,fine\nb.png,caf\xe9\n")
     with pytest.raises(DataError, match=r"d\.csv:3: not valid UTF-8"):
         list(read_samples(path))
+
+
+@pytest.mark.parametrize("row, message", [
+    ("img/1.png,a cat on a mat", "d.csv:3: a short row of 2 fields (image='img/1.png', web='a cat on a mat') under a "
+                                 "header of 3 (image,web,detail), no field for detail; an empty caption is an empty "
+                                 "field (',' twice), a field holding ',' needs double quotes"),
+    ("img/1.png,a cat, on a mat,a mat", "d.csv:3: a row of 4 fields (image='img/1.png', web='a cat', "
+                                        "detail=' on a mat', 'a mat') under a header of 3 (image,web,detail); a "
+                                        "field holding ',' needs double quotes"),
+])
+def test_a_ragged_csv_row_is_named_with_its_fields(tmp_path, row, message):
+    path = tmp_path / "d.csv"
+    path.write_text(f"image,web,detail\nimg/0.png,a,b\n{row}\nimg/2.png,e,f\n")
+    with pytest.raises(DataError) as err:
+        list(read_csv(path))
+    assert str(err.value) == f"{path.parent}/{message}"
+    path.write_text("image,web,detail\nimg/0.png,a,\n")  # an empty field is a caption the slot policy judges
+    assert list(read_csv(path))[0].captions == {"web": "a", "detail": ""}
+
+
+def test_a_short_csv_row_on_the_command_line_is_one_line(tmp_path):
+    from tests.helpers.cli import invoke, one_line_error
+    from tests.helpers.datasets import draw
+
+    for i in range(2):
+        draw(i).save(tmp_path / f"{i}.png")
+    (tmp_path / "d.csv").write_text("image,web,detail\n0.png,a,b\n1.png,c\n")
+    line = one_line_error(invoke("train", f"data.train={tmp_path / 'd.csv'}", "data.slots=[web,detail]",
+                                 "model.name=holi-tiny", "optim.batch_size=2", "optim.steps=1",
+                                 f"run.out={tmp_path / 'run'}", "run.progress=false", "run.tensorboard=false"))
+    assert f"{tmp_path / 'd.csv'}:3: a short row of 2 fields (image='1.png', web='c')" in line

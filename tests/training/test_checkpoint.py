@@ -253,3 +253,31 @@ def test_compiling_or_not_is_no_training_change():
     eager = load_config(None, ["data.train=x.jsonl"]).to_dict()
     compiled = load_config(None, ["data.train=x.jsonl", "run.compile=true", "optim.lr=0.1"]).to_dict()
     assert config_changes(eager, compiled) == ["optim.lr: 0.0005 -> 0.1"]
+
+
+def _killed_during_write(target: Path) -> None:
+    """A process killed (SIGKILL) inside atomic_path's block, as a kill -9 during a checkpoint write."""
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom holiclip.io import atomic_path\n"
+            "with atomic_path(Path(sys.argv[1])) as tmp:\n    tmp.write_bytes(b'x' * 300_000)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, timeout=60)
+    assert res.returncode == -9, res.stderr
+
+
+def test_resume_removes_partial_checkpoint_writes_and_counts_them(base, tmp_path):
+    run = copy_run(base, tmp_path)
+    folder = run / "checkpoints"
+    _killed_during_write(folder / "step_00000005.pt")
+    _killed_during_write(folder / "step_00000006.pt")
+    partial = sorted(p.name for p in folder.glob("step_*.pt.*.tmp"))
+    assert len(partial) == 2 and all(re.fullmatch(r"step_0000000[56]\.pt\.\d+\.[0-9a-f]{8}\.tmp", p) for p in partial)
+    # names of other patterns are not this run's writes: left alone
+    others = [folder / "step_00000005.pt.tmp", folder / "notes.1.deadbeef.tmp", run / "step_00000001.pt.1.deadbeef.tmp"]
+    for path in others:
+        path.write_text("keep")
+    result = CliRunner().invoke(app, ["train", *overrides(base, run), "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    assert f"removed 2 partial checkpoint writes (0.6 MB) left in {folder} by an interrupted run" in result.output
+    assert all(name in result.output for name in partial)
+    assert not list(folder.glob("step_*.pt.*.*.tmp")) and all(p.exists() for p in others)
+    assert [p.name for p in list_checkpoints(folder)] == ["step_00000004.pt", "step_00000006.pt"]  # keep=2

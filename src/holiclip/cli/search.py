@@ -81,14 +81,18 @@ def search(
         target = idx.target(branch, fusion)
         from holiclip.evaluation import load_eval_model
 
-        em = load_eval_model(checkpoint or idx.manifest["checkpoint"], device=device)
+        model_src = checkpoint or idx.manifest["checkpoint"]
+        em = load_eval_model(model_src, device=device)
         if list(em.branch_names) != idx.branches:
-            raise SearchError(f"model {checkpoint or idx.manifest['checkpoint']} has branches {list(em.branch_names)}, "
-                              f"the index {idx.branches}")
+            raise SearchError(f"model {model_src} has branches {list(em.branch_names)}, the index {idx.branches}")
         if image is not None:
             q = encode_image_query(em.model, em.transform, image, target, device=em.device)
         else:
             q = encode_text_query(em.model, em.tokenizer, [query], device=em.device)
+        if q.shape[-1] != idx.manifest["dim"]:
+            raise SearchError(f"model {model_src} gives embeddings of width {q.shape[-1]}, the index {index} has "
+                              f"width {idx.manifest['dim']} (embedded with {idx.manifest['checkpoint']}): search "
+                              "with the index's own model (leave out --checkpoint) or embed again with this one")
         hits = idx.search(q, target, k=k, nprobe=nprobe)[0]
     except (SearchError, FileNotFoundError, ValueError) as err:
         _fail(err)

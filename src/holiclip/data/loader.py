@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .manifest import LoadedManifest, load_manifest  # noqa: F401  (imported from here by callers)
 from .records import DataError
-from .tokens import stack_tokens
+from .tokens import stack_tokens, token_lengths
 
 log = logging.getLogger(__name__)
 
@@ -258,19 +258,6 @@ def tensor_transform(image_size: int | tuple[int, int], mean: Sequence[float] | 
         return (x - mean_t) / std_t
 
     return apply
-
-
-def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
-    """Tokens each text needs including start/end tokens, before any truncation."""
-    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # open_clip SimpleTokenizer
-        return [len(tokenizer.encode(t)) + 2 for t in texts]
-    hf = getattr(tokenizer, "tokenizer", None)  # open_clip HFTokenizer wraps a transformers tokenizer
-    if hf is not None:
-        return [len(ids) for ids in hf(list(texts), truncation=False)["input_ids"]]
-    # unknown tokenizer: a text that fills the whole context is taken as truncated
-    tokens = tokenizer(list(texts))
-    filled = (tokens != 0).sum(1)
-    return [int(n) + (1 if n >= tokens.shape[1] else 0) for n in filled]
 
 
 class Collate:

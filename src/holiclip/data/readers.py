@@ -60,8 +60,25 @@ def read_csv(
         missing = [c for c in columns if c not in reader.fieldnames]
         if missing:
             raise DataError(f"{path}:1: caption columns {missing} not in header {reader.fieldnames}")
-        for lineno, row in enumerate(reader, 2):
-            yield Sample(resolve_path(path.parent, row[image_column]), {c: row[c] for c in columns}, f"{path}:{lineno}")
+        header = reader.fieldnames
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row or None in row.values():  # csv fills a short row with None, files a long one's rest under None
+                raise DataError(_ragged_row(where, header, row, delimiter))
+            yield Sample(resolve_path(path.parent, row[image_column]), {c: row[c] for c in columns}, where)
+
+
+def _ragged_row(where: str, header: list[str], row: dict, delimiter: str) -> str:
+    fields = [(k, v) for k, v in row.items() if k is not None and v is not None] + [
+        (None, v) for v in row.get(None) or []]
+    shown = ", ".join(f"{k}={v!r}" if k is not None else repr(v) for k, v in fields)
+    if None in row:
+        return (f"{where}: a row of {len(fields)} fields ({shown}) under a header of {len(header)} "
+                f"({delimiter.join(header)}); a field holding {delimiter!r} needs double quotes")
+    lacking = [k for k, v in row.items() if v is None]
+    return (f"{where}: a short row of {len(fields)} fields ({shown}) under a header of {len(header)} "
+            f"({delimiter.join(header)}), no field for {', '.join(lacking)}; an empty caption is an empty "
+            f"field ({delimiter!r} twice), a field holding {delimiter!r} needs double quotes")
 
 
 def read_samples(path: str | Path | Sequence[str], **kwargs) -> Iterator[Sample]:

@@ -88,14 +88,16 @@ def _error_text(exn: BaseException) -> str:
 
 
 def read_shard(url: str, lo: int = 0, hi: int | None = None, text_only: bool = False,
-               expected: int | None = None) -> Iterator[tuple[int, dict | Missing]]:
+               expected: int | None = None, longer: str = "warn") -> Iterator[tuple[int, dict | Missing]]:
     """``(i, sample)`` for samples ``lo .. hi - 1`` of one shard, in order, a sample being
     webdataset's dict of raw members (``__key__``, ``__url__``, ``jpg``, ``json``, ...).
 
     Members of samples outside the range (and, with ``text_only``, all but json / txt members)
     are passed over without being read into memory. With ``hi`` given, exactly ``hi - lo`` pairs
     come out: a sample the shard lacks (it ends early, is truncated or cannot be opened) is a
-    :class:`Missing` with the reason. ``expected`` (the shard's size) goes into that reason.
+    :class:`Missing` with the reason. ``expected`` (the shard's size) goes into that reason; a
+    shard found to hold more samples than ``expected`` is logged once (``longer="warn"``) or a
+    DataError (``"error"``): the samples past the declared size would never be read.
     """
     from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
@@ -146,6 +148,8 @@ def read_shard(url: str, lo: int = 0, hi: int | None = None, text_only: bool = F
                 while nxt < i:  # samples with no member selected (text_only: an image alone)
                     yield nxt, Missing("not found in the shard")
                     nxt += 1
+                if expected is not None and i + 1 == expected == hi and state["i"] >= expected:
+                    _longer_than_declared(url, expected, longer)  # a member of sample `expected` was seen
                 yield i, sample
                 nxt = i + 1
                 if hi is not None and nxt >= hi:
@@ -252,6 +256,22 @@ def read_texts(url: str, samples: int | None = None) -> Iterator[dict]:
             sample[suffix.lower()] = data
     if sample is not None and len(sample) > 2:
         yield sample
+
+
+_LONGER_SEEN: set[str] = set()  # shards already reported by this process
+
+
+def _longer_than_declared(url: str, expected: int, longer: str) -> None:
+    if url in _LONGER_SEEN and longer != "error":
+        return
+    _LONGER_SEEN.add(url)
+    found = count_samples(url)
+    message = (f"{url}: the shard holds {found} samples, its sizes ({SIZES_FILE} or *_stats.json) say {expected}: "
+               f"the {found - expected} past them are never read; correct the sizes (or delete {SIZES_FILE} to "
+               "have the shards counted)")
+    if longer == "error":
+        raise DataError(f"{message} (data.on_bad_row=skip trains on the declared samples with a warning)")
+    log.warning("warning: %s", message)
 
 
 def count_samples(url: str) -> int:
@@ -628,6 +648,11 @@ class ShardStream(SplitEpochs, IterableDataset):
                 self.list_slots, self.missing_slot_policy]
 
     # -- one sample ------------------------------------------------------------------------------------------
+    @property
+    def _longer(self) -> str:
+        """A shard longer than its size: samples left out, so the bad-row policy says stop or warn."""
+        return "error" if self.on_bad_row == "error" else "warn"
+
     def _row_problem(self, where: str, message: str) -> _Skip:
         if self.on_bad_row == "error":
             raise DataError(f"{where}: {message} (data.on_bad_row=skip skips such samples)")
@@ -869,7 +894,7 @@ class _Stream:
             if s1 > g:
                 shard = int(self.plan.shards[e])
                 for off, raw in read_shard(self.owner.urls[shard], g - s0, s1 - s0,
-                                           expected=int(self.owner.sizes[shard])):
+                                           expected=int(self.owner.sizes[shard]), longer=self.owner._longer):
                     yield s0 + off - self.start, raw
                 g = s1
             e += 1

@@ -70,11 +70,22 @@ def _shown(identity: dict) -> str:
     return f"{identity.get('name', '?')}, digest {str(identity.get('digest', '?'))[:12]}"
 
 
+def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Tokens each text needs including start/end tokens, before any truncation."""
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # open_clip SimpleTokenizer
+        return [len(tokenizer.encode(t)) + 2 for t in texts]
+    hf = getattr(tokenizer, "tokenizer", None)  # open_clip HFTokenizer wraps a transformers tokenizer
+    if hf is not None:
+        return [len(ids) for ids in hf(list(texts), truncation=False)["input_ids"]]
+    # unknown tokenizer: a text that fills the whole context is taken as truncated
+    tokens = tokenizer(list(texts))
+    filled = (tokens != 0).sum(1)
+    return [int(n) + (1 if n >= tokens.shape[1] else 0) for n in filled]
+
+
 # -- writing ----------------------------------------------------------------------------------------------
 def token_members(tokenizer, captions: dict[str, str]) -> tuple[bytes, dict]:
     """(``tokens.npy`` bytes, the json's ``tokens`` field) for a sample's captions."""
-    from .loader import token_lengths
-
     slots, texts = list(captions), list(captions.values())
     ids = tokenizer(texts).numpy()
     dtype = np.uint16 if ids.max(initial=0) < 2**16 else np.uint32

@@ -296,10 +296,66 @@ class SearchIndex:
             raise SearchError(f"{path} not found: not an index written by `holiclip embed`"
                               + (" (or the embedding has not finished: run it again to resume)"
                                  if (root / "chunks").is_dir() else ""))
-        manifest = read_json(path)
-        if manifest.get("format") != FORMAT:
-            raise SearchError(f"{path}: unknown index format {manifest.get('format')!r}; expected {FORMAT}")
-        return cls(root, manifest, json.loads((root / "ids.json").read_text()))
+        manifest = read_json(path, SearchError)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else manifest
+            raise SearchError(f"{path}: unknown index format {found!r}; expected {FORMAT}")
+        index = cls(root, manifest, [])
+        index.ids = index._checked_ids()
+        index._check_arrays()
+        return index
+
+    # -- checks when opened: every mismatch named with its file and the way to a good index ------------
+    def rebuild_hint(self) -> str:
+        m = self.manifest
+        ivf = f" --ivf {m['index']['nlist']}" if isinstance(m.get("index"), dict) and m["index"].get("nlist") else ""
+        job = self.root / "chunks" / "job.json"  # the embedded chunks: a re-run with their settings reuses them
+        try:
+            chunk_size = f" --chunk-size {read_json(job)['chunk_size']}" if job.is_file() else ""
+        except (ValueError, KeyError, TypeError):
+            chunk_size = ""
+        fusion = ",".join(m["fusion"]) if isinstance(m.get("fusion"), list) and m["fusion"] else "mean"
+        return (f"rebuild it with `holiclip embed -c {m.get('checkpoint', 'MODEL')} --images {m.get('source', 'IMAGES')} "
+                f"--out {self.root} --fusion {fusion}{ivf}{chunk_size}`")
+
+    def _broken(self, where, why: str) -> SearchError:
+        return SearchError(f"{where}: {why}; the index in {self.root} is damaged or was edited: {self.rebuild_hint()}")
+
+    def _checked_ids(self) -> list[str]:
+        m, path = self.manifest, self.root / MANIFEST
+        for key, kind in (("count", int), ("dim", int), ("branches", list), ("fusion", list),
+                          ("embeddings", dict), ("faiss", dict)):
+            if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+                raise self._broken(path, f"{key!r} missing or not a {kind.__name__}")
+        if m["dim"] < 1 or m["count"] < 1:
+            raise self._broken(path, f"count {m['count']} and dim {m['dim']} must be positive")
+        targets = list(m["branches"]) + [fused_name(f) for f in m["fusion"]]
+        for key in ("embeddings", "faiss"):
+            if sorted(m[key]) != sorted(targets):
+                raise self._broken(path, f"{key!r} lists {sorted(m[key])}, the branches and fusion modes are {targets}")
+        ids_path = self.root / "ids.json"
+        if not ids_path.is_file():
+            raise self._broken(ids_path, "not found")
+        ids = read_json(ids_path, SearchError)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise self._broken(ids_path, "not a list of image ids")
+        if len(ids) != m["count"]:
+            raise self._broken(ids_path, f"{len(ids)} image ids for the {m['count']} rows {MANIFEST} gives")
+        return ids
+
+    def _check_arrays(self) -> None:
+        """Every embedding file's header (read, not the data: memory-mapped) and every faiss file there."""
+        m = self.manifest
+        for target in m["embeddings"]:
+            path = self.root / m["embeddings"][target]
+            try:
+                shape = np.load(path, mmap_mode="r").shape
+            except (OSError, ValueError) as err:
+                raise self._broken(path, f"unreadable ({err})") from None
+            if shape != (m["count"], m["dim"]):
+                raise self._broken(path, f"shape {shape}; {MANIFEST} says ({m['count']}, {m['dim']})")
+            if not (self.root / m["faiss"][target]).is_file():
+                raise self._broken(self.root / m["faiss"][target], "not found")
 
     @property
     def branches(self) -> list[str]:
@@ -334,7 +390,16 @@ class SearchIndex:
     def faiss_index(self, target: str, nprobe: int | None = None):
         faiss = require_faiss()
         if target not in self._faiss:
-            self._faiss[target] = faiss.read_index(str(self.root / self.manifest["faiss"][target]))
+            path = self.root / self.manifest["faiss"][target]
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as err:  # faiss's C++ exceptions: truncated, garbage, another format
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                raise self._broken(path, f"not a readable faiss index ({lines[-1] if lines else 'faiss error'})") from None
+            if (index.ntotal, index.d) != (self.manifest["count"], self.manifest["dim"]):
+                raise self._broken(path, f"{index.ntotal} vectors of width {index.d}; {MANIFEST} says "
+                                         f"{self.manifest['count']} of width {self.manifest['dim']}")
+            self._faiss[target] = index
         index = self._faiss[target]
         if hasattr(index, "nprobe"):
             # by default a tenth of the lists (at least 1): recall close to exact at a fraction of the cost
@@ -346,7 +411,14 @@ class SearchIndex:
         """Top-k rows by inner product for each query vector (Q, D); fewer when the collection is smaller."""
         if k < 1:
             raise SearchError(f"-k must be at least 1, got {k}")
-        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.manifest["dim"]))
+        q = np.asarray(queries, dtype=np.float32)
+        q = q[None] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.manifest["dim"]:
+            # never reshaped to fit: a (1, 256) query against width 64 would become 4 queries
+            raise SearchError(f"query embeddings of shape {tuple(np.shape(queries))} against {self.root}, whose "
+                              f"embeddings have width {self.manifest['dim']} (model {self.manifest.get('model')!r}): "
+                              "encode the queries with the model the index was embedded with")
+        q = np.ascontiguousarray(q)
         scores, rows = self.faiss_index(target, nprobe).search(q, min(k, len(self.ids)))
         return [[Hit(r + 1, float(s), self.ids[i], int(i)) for r, (s, i) in enumerate(zip(sc, rw)) if i >= 0]
                 for sc, rw in zip(scores, rows)]

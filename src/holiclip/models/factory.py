@@ -8,7 +8,6 @@ reachable as ``model.holistic``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -17,9 +16,9 @@ from torch import nn
 
 from .fusion import FUSION_MODES, select_branches
 from .holistic import HolisticCLIP
-from .registry import create_model, get_model_config, get_transforms, load_model
+from .registry import create_model, get_transforms, is_architecture, load_model
+from .sources import is_model_source
 
-HF_HUB_PREFIX = "hf-hub:"
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "pure_fp16": torch.float16, "pure_bf16": torch.bfloat16}
 
 
@@ -44,7 +43,7 @@ class FusedCLIP(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            # open_clip-style attributes (visual, context_length, branch_names, save_pretrained, ...)
+            # open_clip-style attributes (visual, context_length, branch_names, model_name, ...)
             return getattr(super().__getattr__("holistic"), name)
 
     @property
@@ -67,18 +66,6 @@ class FusedCLIP(nn.Module):
         return image_features, text_features, self.logit_scale.exp()
 
 
-def _is_saved_model(pretrained: str | None) -> bool:
-    return pretrained is not None and (str(pretrained).startswith(HF_HUB_PREFIX) or Path(pretrained).is_dir())
-
-
-def _is_architecture(name: str) -> bool:
-    try:
-        get_model_config(name)
-    except KeyError:
-        return False
-    return True
-
-
 def create_model_and_transforms(
     model_name: str,
     pretrained: str | None = None,
@@ -95,9 +82,9 @@ def create_model_and_transforms(
     """``(model, preprocess_train, preprocess_val)``, as ``open_clip.create_model_and_transforms``.
 
     model_name: a holiclip or open_clip architecture (``"holi-tiny"``, ``"ViT-B-32"``), or a saved
-    holiclip model: ``"hf-hub:ORG/NAME"``, a model or run folder. pretrained (second, as in open_clip):
-    an open_clip tag or a weights file for the architecture, or a saved holiclip model (``hf-hub:``
-    id, model or run folder). encoder / branches: for a new model (default ``cls``, ``("global",)``);
+    holiclip model, anything :func:`load_model` reads: ``"hf-hub:ORG/NAME"``, a model or run folder, a
+    ``.safetensors`` file, a ``step_*.pt`` checkpoint. pretrained (second, as in open_clip): an
+    open_clip tag or a weights file for the architecture, or a saved holiclip model. encoder / branches: for a new model (default ``cls``, ``("global",)``);
     a saved model has its own, and naming other ones is an error. fusion: how ``encode_image`` fuses
     the branches (``holiclip.FUSION_MODES``); None returns the HolisticCLIP itself, whose
     ``encode_image`` gives (B, H, D). Other keyword arguments go to :func:`create_model`
@@ -107,9 +94,8 @@ def create_model_and_transforms(
     (``data.augment=true``); preprocess_val is its evaluation transform.
     """
     # an architecture's name wins over a folder of the same name in the working directory
-    named_folder = Path(model_name).is_dir() and not _is_architecture(model_name)
-    saved = model_name if (model_name.startswith(HF_HUB_PREFIX) or named_folder) else (
-        pretrained if _is_saved_model(pretrained) else None)
+    saved = model_name if not is_architecture(model_name) and is_model_source(model_name) else (
+        pretrained if pretrained is not None and is_model_source(pretrained) else None)
     if saved is not None:
         if kwargs:
             raise TypeError(f"{sorted(kwargs)} apply to a new model, not to the saved model {saved}")

@@ -200,19 +200,6 @@ class HolisticCLIP(nn.Module):
         return {**{f"transformer.{k}": v for k, v in text.transformer.state_dict().items()},
                 **{f"pooler.{k}": v for k, v in text.pooler.state_dict().items()}}
 
-    # -- sharing (holiclip.integrations.hub: safetensors, config, model card) -----------------
-    def save_pretrained(self, directory, **card):
-        """Weights, config and a model card README.md in ``directory``; ``load_model(directory)`` reads it."""
-        from ..integrations.hub import save_pretrained
-
-        return save_pretrained(self, directory, **card)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Uploads :meth:`save_pretrained`'s files to the Hugging Face Hub; load with ``hf-hub:<repo_id>``."""
-        from ..integrations.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
     def text_trunk_frozen(self) -> bool:
         if not self._is_hf_text():
             return False

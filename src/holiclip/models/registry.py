@@ -1,10 +1,13 @@
 """Architectures as data: JSON configs in ``configs/`` (open_clip's format plus an optional
-``holistic`` section), model creation and pretrained weights loading into H branches."""
+``holistic`` section), model creation, pretrained weights loading into H branches, and saving /
+loading a trained model through :mod:`.sources` (which knows the files; this module, the network).
+
+A name is an architecture (holiclip's or open_clip's) or a saved model (anything
+:func:`.sources.resolve` reads); an architecture's name wins over a folder of the same name."""
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -14,7 +17,8 @@ import open_clip
 import torch
 
 from .._extras import require
-from ..io import atomic_path, package_path, read_json
+from ..io import package_path, read_json
+from . import sources
 from .holistic import HolisticCLIP
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -42,18 +46,33 @@ def register_model_config(name: str, config: dict | str | Path) -> None:
 def stored_model_config(name: str) -> dict:
     """The architecture as written (``package:`` references unresolved): what a saved model keeps, so
     it loads on any machine with the package installed."""
-    configs = {**_builtin_configs(), **_EXTRA_CONFIGS}
-    if name.startswith("hf-hub:"):  # the architecture saved with a Hub model (open_clip's naming)
-        from ..integrations.hub import hub_model_config
-
-        cfg = hub_model_config(name)
-    elif name in configs:
-        cfg = configs[name]
-    else:
-        cfg = open_clip.get_model_config(name)
-        if cfg is None:
-            raise KeyError(f"unknown model {name!r}; holiclip models: {list_models()} (open_clip's names work too)")
+    name = str(name)
+    cfg = _architecture(name)
+    if cfg is None:
+        if sources.is_model_source(name):  # a saved model: the architecture it was saved with
+            return saved_model_config(sources.resolve(name, weights=False).config)
+        if sources.looks_like_path(name):
+            raise sources.ModelSourceError(f"{name}: no such folder or file; expected {sources.EXPECTED}")
+        raise KeyError(f"unknown model {name!r}; holiclip models: {list_models()} (open_clip's names work too)")
     return copy.deepcopy(cfg)
+
+
+def _architecture(name: str) -> dict | None:
+    configs = {**_builtin_configs(), **_EXTRA_CONFIGS}
+    if name in configs:
+        return configs[name]
+    return None if name.startswith(sources.HF_HUB_PREFIX) else open_clip.get_model_config(name)
+
+
+def is_architecture(name: str) -> bool:
+    """A holiclip or open_clip architecture's name (which wins over a folder of the same name)."""
+    return _architecture(str(name)) is not None
+
+
+def saved_model_config(config: dict) -> dict:
+    """The architecture JSON of a saved model's ``holiclip_config.json`` (kept in it since models
+    carry their architecture; else the registry's entry for its name)."""
+    return copy.deepcopy(config["model_config"]) if config.get("model_config") else stored_model_config(config["model"])
 
 
 def get_model_config(name: str) -> dict:
@@ -143,19 +162,25 @@ def create_model(
     positional row are copied into all H branches; Psi_MLP's replicated layers start as copies.
     From scratch (None), each branch starts from its own random draw.
     """
+    if not is_architecture(name) and sources.is_model_source(name):
+        raise sources.ModelSourceError(f"{name}: a saved model, which load_model({str(name)!r}) or "
+                                       f"create_model_and_transforms({str(name)!r}) load with its weights; "
+                                       "create_model builds an architecture")
     cfg = get_model_config(name)
     holistic = cfg.get("holistic", {})
     mlp_layers = mlp_layers if mlp_layers is not None else holistic.get("mlp_layers", 3)
     clip = _build_clip(cfg, pretrained_text=pretrained_text)
     if pretrained:
         # load into the plain open_clip model first: its shapes are the checkpoint's
-        state = load_state_dict(resolve_pretrained(name, pretrained))
+        weights = resolve_pretrained(name, pretrained)
+        state = load_state_dict(weights)
         if not any(k.startswith("clip.") for k in state):
+            check_keys(clip, state, weights, f"an open_clip {name}")
             clip.load_state_dict(state, strict=True)
             state = None
     model = HolisticCLIP(clip, branches, encoder=encoder, mlp_layers=mlp_layers, model_name=name)
     if pretrained and state is not None:
-        load_holistic_state(model, state)
+        load_holistic_state(model, state, where=weights)
     elif not pretrained:
         model.visual.init_branches()
     if lock_text:
@@ -179,31 +204,46 @@ def resolve_pretrained(name: str, pretrained: str) -> str:
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads weights safely: safetensors, or torch files with ``weights_only=True``."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return sources.strip_module_prefix(sources.read_weights(path))
 
 
-def load_holistic_state(model: HolisticCLIP, state: dict[str, torch.Tensor], strict: bool = True):
-    """Loads a holiclip state dict; a branch count that differs is adapted by repeating branch 0."""
+def load_holistic_state(model: HolisticCLIP, state: dict[str, torch.Tensor], strict: bool = True,
+                        where: str | Path = "the state dict"):
+    """Loads a holiclip state dict; a branch count that differs is adapted by repeating branch 0.
+    With ``strict``, keys that differ from the model's are a ModelSourceError naming ``where``."""
     own = model.state_dict()
     patches = model.visual.grid_size[0] * model.visual.grid_size[1]
     fixed = {}
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
-            v = _adapt_branches(k, v, own[k], patches)
+            try:
+                v = _adapt_branches(k, v, own[k], patches)
+            except ValueError as err:
+                raise sources.ModelSourceError(f"{where}: {err}") from None
         fixed[k] = v
+    if strict:
+        check_keys(model, fixed, where, f"a {model.model_name} {model.encoder} model with branches "
+                                        f"{', '.join(model.branch_names)}")
     return model.load_state_dict(fixed, strict=strict)
+
+
+def check_keys(module: torch.nn.Module, state: dict, where, what: str) -> None:
+    """A ModelSourceError naming ``where`` and the keys when ``state`` is not ``module``'s (torch's own
+    error is a traceback-length list)."""
+    own, got = set(module.state_dict()), set(state)
+    missing, unexpected = sorted(own - got), sorted(got - own)
+    if not missing and not unexpected:
+        return
+
+    def listing(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = [f"{len(missing)} missing ({listing(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({listing(unexpected)})" if unexpected else ""]
+    raise sources.ModelSourceError(
+        f"{where}: its weights do not fit {what}: keys {'; '.join(p for p in parts if p)}. The file is incomplete "
+        "or from another architecture: save the model again (holiclip.save_model) or load it as the "
+        "architecture it was saved from")
 
 
 def _adapt_branches(key: str, v: torch.Tensor, target: torch.Tensor, patches: int) -> torch.Tensor:
@@ -215,7 +255,8 @@ def _adapt_branches(key: str, v: torch.Tensor, target: torch.Tensor, patches: in
 
 
 def get_tokenizer(name: str, context_length: int | None = None):
-    """open_clip's tokenizer for the architecture (CLIP BPE, or the HF tower's own)."""
+    """open_clip's tokenizer (CLIP BPE, or the HF tower's own) for an architecture's name or for
+    any saved model :func:`load_model` reads (a folder, ``.safetensors``, checkpoint, ``hf-hub:``)."""
     cfg = get_model_config(name)
     text = cfg.get("text_cfg", {})
     ctx = context_length or text.get("context_length", 77)
@@ -226,7 +267,7 @@ def get_tokenizer(name: str, context_length: int | None = None):
 
 
 def get_transforms(model_or_name, is_train: bool = False):
-    """open_clip's image transform at the model's resolution."""
+    """open_clip's image transform at the model's resolution (a model, an architecture or a saved model)."""
     size = model_or_name.image_size if isinstance(model_or_name, HolisticCLIP) else (
         get_model_config(model_or_name)["vision_cfg"]["image_size"]
     )
@@ -239,17 +280,9 @@ def config_summary(cfg: dict[str, Any]) -> str:
     return f"ViT {v['layers']}x{v['width']} /{v['patch_size']} @{v['image_size']}px, text {text}, D={cfg['embed_dim']}"
 
 
-EXPORT_CONFIG = "holiclip_config.json"
-EXPORT_WEIGHTS = "model.safetensors"
-
-
 def save_model(model: HolisticCLIP, directory: str | Path, extra: dict | None = None) -> Path:
     """Writes ``model.safetensors`` + ``holiclip_config.json`` (architecture and branches)."""
-    from safetensors.torch import save_file
-
     model = getattr(model, "holistic", model)  # create_model_and_transforms' open_clip view saves its model
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = {
         "model": model.model_name,
         "model_config": stored_model_config(model.model_name) if model.model_name else None,
@@ -259,13 +292,7 @@ def save_model(model: HolisticCLIP, directory: str | Path, extra: dict | None = 
         **(extra or {}),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # the config also travels inside the weights file, so model.safetensors alone loads
-    metadata = {"format": "pt", "holiclip_config": json.dumps(config)}
-    with atomic_path(directory / EXPORT_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    with atomic_path(directory / EXPORT_CONFIG) as tmp:
-        tmp.write_text(json.dumps(config, indent=2))
-    return directory
+    return sources.write_model(directory, state, config)
 
 
 def load_model(src: str | Path, device: str | torch.device = "cpu", revision: str | None = None) -> HolisticCLIP:
@@ -273,9 +300,7 @@ def load_model(src: str | Path, device: str | torch.device = "cpu", revision: st
     ``model/``, else its latest checkpoint, with a warning), a ``.safetensors`` file (config in its
     metadata or beside it), a ``step_*.pt`` training checkpoint, or ``hf-hub:ORG/NAME[@REVISION]``.
     The training config and evaluation results found there are kept in ``model.holiclip_meta``."""
-    from ..integrations.hub import resolve
-
-    source = resolve(src, revision=revision)
+    source = sources.resolve(src, revision=revision)
     config = source.config
     name = config["model"]
     if config.get("model_config") and name not in list_models():
@@ -287,9 +312,7 @@ def load_model(src: str | Path, device: str | torch.device = "cpu", revision: st
         mlp_layers=config.get("mlp_layers"),
         pretrained_text=False,
     )
-    state = load_state_dict(source.weights) if source.weights is not None else {
-        k[len("module."):] if k.startswith("module.") else k: v for k, v in source.state.items()}
-    load_holistic_state(model, state)
+    load_holistic_state(model, source.state_dict(), where=source.origin)
     model.holiclip_meta = {"source": source.origin, "train_config": config.get("train_config"),
                            "eval_results": source.eval_results, "notes": source.notes}
     return model.to(device)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -14,10 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..io import atomic_path
+from ..io import atomic_path, unfinished_writes
+from ..models.sources import CKPT_RE, list_checkpoints, read_torch
 from .config import with_defaults
-
-CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # what a training run writes into run.out (``--overwrite`` deletes exactly these)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "config.yaml")
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "counters", "rng")
@@ -58,11 +56,6 @@ def atomic_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in Path(directory).glob("step_*.pt") if (m := CKPT_RE.search(p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
@@ -75,18 +68,7 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> P
 def load_checkpoint(path: Path) -> dict:
     """A training state, or a CheckpointError naming the file (empty, truncated, not a torch file, not a state)."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {err.strerror}") from None
-    if size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file raises EOFError, RuntimeError, OSError, UnpicklingError, ...
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"checkpoint {path} is unreadable ({size} bytes; truncated or corrupt?): "
-                              f"{reason}") from None
+    state = read_torch(path, CheckpointError, "checkpoint")
     missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a holiclip training checkpoint (no {', '.join(missing)})")
@@ -165,11 +147,31 @@ def on_main(fn: Callable, is_main: bool):
     return result
 
 
+def remove_partial_writes(directory: Path) -> None:
+    """Deletes the temporary files of checkpoint writes killed before their rename
+    (``step_N.pt.<pid>.<hex>.tmp``; the run folder is this run's alone, so no live writer owns them),
+    counted in the log."""
+    partial = unfinished_writes(directory, lambda name: bool(CKPT_RE.fullmatch(name)))
+    if not partial:
+        return
+    size = 0
+    for path in partial:
+        try:
+            size += path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    log.warning("removed %d partial checkpoint write%s (%.1f MB) left in %s by an interrupted run: %s",
+                len(partial), "s" if len(partial) > 1 else "", size / 1e6, directory,
+                ", ".join(sorted(p.name for p in partial)))
+
+
 def resume_state(resume: str | None, directory: Path, is_main: bool) -> tuple[Path | None, dict | None]:
-    """``find_resume`` on rank 0; the other ranks load the checkpoint it chose."""
+    """``find_resume`` on rank 0 (after removing partial writes); the other ranks load the checkpoint it chose."""
     loaded: dict = {}
 
     def choose():
+        remove_partial_writes(directory)
         path, loaded["state"] = find_resume(resume, directory)
         return path
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from holiclip.io import torchrun_env
 
-from . import CaptionError, CaptionRequest, CaptionResult
+from .base import CaptionError, CaptionRequest, CaptionResult
 
 
 def _pick_device(device: str) -> str:

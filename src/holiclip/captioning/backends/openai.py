@@ -29,7 +29,7 @@ from typing import Sequence
 import httpx
 
 from ..redact import redact
-from . import CaptionError, CaptionFatalError, CaptionRequest, CaptionResult
+from .base import CaptionError, CaptionFatalError, CaptionRequest, CaptionResult
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 AUTH_STATUS = frozenset({401, 403})  # the key is refused: every other request would be too
