@@ -243,11 +243,13 @@ def from_dict(data: dict, origin: str = "<dict>") -> TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) then ``section.key=value`` overrides, checked against the dataclasses above."""
+    """YAML file or shipped config name (optional), then ``section.key=value`` overrides, checked
+    against the dataclasses above."""
     cfg, origins = OmegaConf.structured(TrainConfig), {}
     if path:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: no such config file")
+        from .presets import find_config  # (it imports this module)
+
+        path = find_config(path)
         try:
             data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
             lines = _yaml_lines(Path(path).read_text())
@@ -294,7 +296,7 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
         return x is None or math.isfinite(x)
 
     m, d, lo, o, r = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.run
-    from ..models.branches import ENCODERS  # imported here: importing this module stays free of torch
+    from ..models import ENCODERS  # not models.branches: checking a config stays free of torch
 
     one_of("model.encoder", ENCODERS, m.encoder)
     names("model.branches", m.branches, optional=True)

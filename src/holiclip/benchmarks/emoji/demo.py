@@ -1,7 +1,7 @@
 """The side-by-side run behind ``make demo``: CLIP vs O2M vs Holistic CLIP on the built-in
 emoji benchmark, same images, steps and batch size for every variant.
 
-Variants are training configurations, one YAML file each in ``configs/demo/`` (the paper's
+Variants are training configurations, one YAML file each among the shipped configs, ``demo/<name>`` (the paper's
 section 5 comparison); a mode (quick / default / full) sets their schedule and seeds:
   clip             H = 1, trained on the web caption only
   o2m              H = 1, all text slots (one-to-many)
@@ -31,6 +31,7 @@ from holiclip.evaluation.report import write_json
 from holiclip.models.registry import load_model
 from holiclip.training.checkpoint import RunFolderError
 from holiclip.training.config import TrainConfig, load_config, with_defaults
+from holiclip.training.presets import CONFIG_DIR
 from holiclip.training.trainer import read_metrics, train
 
 from .data import build as emoji
@@ -42,9 +43,8 @@ log = logging.getLogger(__name__)
 SLOTS = ["web", "detail", "nouns", "background", "main"]
 
 
-# The variants' YAML files live in the source tree (a checkout or `pip install -e .`):
-# src/holiclip/benchmarks/emoji/demo.py -> <checkout>/configs/demo (the demo's) and configs/ablations
-VARIANT_DIR = Path(__file__).resolve().parents[4] / "configs" / "demo"
+# The variants' YAML files ship with the package (holiclip configs list: demo/..., ablations/...)
+VARIANT_DIR = CONFIG_DIR / "demo"
 ABLATION_DIR = VARIANT_DIR.parent / "ablations"
 VARIANTS = ("clip", "o2m", "holistic_cls", "holistic_mlp", "holistic_hybrid")
 ABLATIONS = ("texts_h2", "texts_h3", "texts_h4", "holistic_mlp_l3", "holistic_cls_diversity", "fused_o2m_h5")
