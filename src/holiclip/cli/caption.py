@@ -83,6 +83,7 @@ def run_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="hf: auto, float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="hf: allow model code from the checkpoint."),
     backend_option: Optional[List[str]] = typer.Option(None, "--backend-option", help="KEY=VALUE keyword argument of a backend from another package (repeatable); it also gets the image source."),
+    retry_refusals: int = typer.Option(2, "--retry-refusals", metavar="N", min=0, help="Ask again this many times when the answer is empty or a refusal; one still refused is a failure, sent again by a re-run."),
     max_consecutive_failures: int = typer.Option(100, "--max-consecutive-failures", metavar="N", min=1, help="Stop when this many requests fail in a row."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
@@ -124,7 +125,7 @@ def run_cmd(
                 raise
             raise ValueError(f"--backend {backend}: {err}") from None  # a --backend-option it does not take
         stats = run_captioning(source, persp, be, out, max_new_tokens=max_new_tokens, progress=not no_progress,
-                               max_consecutive_failures=max_consecutive_failures)
+                               max_consecutive_failures=max_consecutive_failures, retry_refusals=retry_refusals)
     except RunAborted as err:
         raise _err(str(err), 3) from None
     except (ValueError, CaptionError, OSError, RuntimeError) as err:  # ValueError: bad input (file:line)
@@ -132,7 +133,8 @@ def run_cmd(
     typer.echo(
         f"{stats.rows_written} rows written to {stats.output}; {stats.images} images "
         f"({stats.images_skipped} already done); {stats.requests} requests in {stats.seconds:.1f} s "
-        f"({stats.requests_per_s:.1f}/s); {stats.retries} retries; {stats.failures} failures",
+        f"({stats.requests_per_s:.1f}/s); {stats.retries} retries; {stats.refusal_retries} refused or empty answers "
+        f"asked again; {stats.failures} failures",
         err=True,
     )
     if stats.failures:
