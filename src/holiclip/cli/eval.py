@@ -44,6 +44,8 @@ def _run(task: str, checkpoint, model, pretrained, device, out, percent: bool = 
         raise typer.Exit(2) from None
     title = f"{result['task']} - {result['dataset']} - {em.name} ({em.pretrained})" + (" [%]" if percent else "")
     print_rows(result["rows"], result["columns"], title=title, percent=percent)
+    for note in result.get("notes", []):
+        typer.secho(note, fg="yellow", err=True)
     skipped = result.get("skipped_images") or []
     if skipped:  # left out of the metrics: say so, naming the files
         shown = "; ".join(f"{s['image']} ({s['error']})" for s in skipped[:5])
