@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from holiclip.evaluation.report import write_json
+from holiclip.io import cache_root
 from holiclip.models.registry import load_model
 from holiclip.training.checkpoint import RunFolderError
 from holiclip.training.config import TrainConfig, load_config, with_defaults
@@ -168,10 +169,25 @@ def logged_train_seconds(logged: list[dict], batch_size: int) -> float | None:
     return total if logged else None
 
 
+def text_features_dir() -> Path:
+    """The text-feature caches the demo's runs share: ``run.cache_dir``'s default."""
+    return Path(TrainConfig().run.cache_dir)
+
+
+def _in_cache(path: str) -> str:
+    """A path under the cache root as ``<cache>/...``, whichever root: runs recorded when the demo's data
+    lived in the working folder's ``.cache/holiclip`` compare equal to the same data in today's root."""
+    for root in (f"{cache_root()}/", ".cache/holiclip/"):
+        if path.startswith(root):
+            return "<cache>/" + path[len(root):]
+    return path
+
+
 def _same_run(saved: dict | None, wanted: dict) -> bool:
-    """Same training, wherever the run folder was (a copied run is reused)."""
+    """Same training, wherever the run folder, the caches and the cache root were (a copied run is reused)."""
     def strip(c):
-        return {**c, "run": {k: v for k, v in c["run"].items() if k != "out"}}
+        return {**c, "run": {k: v for k, v in c["run"].items() if k not in ("out", "cache_dir")},
+                "data": {**c["data"], "train": _in_cache(str(c["data"]["train"]))}}
 
     # a key added since the saved run was trained compares as its default
     return saved is not None and strip(with_defaults(saved)) == strip(wanted)
@@ -309,9 +325,9 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
     # the paths here are placeholders
     models = sorted({variant_config(mode, n, Path("."), Path(out), 0, Path(".")).model.name for n in names})
     out = Path(out)
-    cache_dir = Path(".cache/holiclip")
+    cache_dir = text_features_dir()
     t_start = time.perf_counter()
-    data = Path(data_dir) if data_dir else cache_dir / f"emoji-{mode.preset}"
+    data = Path(data_dir) if data_dir else cache_root() / f"emoji-{mode.preset}"
     t0 = time.perf_counter()
     if data_dir:  # the user's folder: its dataset is used as it is, never rebuilt over
         emoji.use_or_build(data, emoji.preset(mode.preset))
