@@ -173,7 +173,7 @@ def sizes(
 
 @app.command("cache-texts")
 def cache_texts(
-    config: Optional[Path] = typer.Argument(None, help="The training YAML config (see configs/)."),
+    config: Optional[Path] = typer.Argument(None, help="The training config: a shipped name (holiclip configs list) or a YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides, as for train."),
 ) -> None:
     """Fill the locked text trunk's feature cache with a training config's texts, before torchrun.
