@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from holiclip.io import cache_root
 from bench_manifest import SLOTS, _text  # the same synthetic captions (bench/ is on sys.path when run)
 
 SLOTS = list(SLOTS)
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--rss-shard-size", type=int, default=5000)
     ap.add_argument("--quick", action="store_true", help="1k samples, one repeat, RSS at 20k and 200k")
     ap.add_argument("--work-dir", default=None, help="where the shards go (default: a temporary folder)")
-    ap.add_argument("--baseline-site", default=".cache/holiclip/bench-webdataset-0.2.86",
+    ap.add_argument("--baseline-site", default=str(cache_root() / "bench-webdataset-0.2.86"),
                     help=f"folder with {BASELINE_WEBDATASET} for open_clip_train's pipeline (filled if empty)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

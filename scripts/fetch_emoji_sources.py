@@ -2,8 +2,9 @@
 and the held-out artwork (``npm pack``, SVGs and licences unpacked into the source cache).
 
 Run by ``scripts/install_emoji_sources.sh`` (``make emoji-sources``); idempotent. What to
-install and where it goes come from the library's ``sources`` module, loaded from its file:
-it needs only the standard library, so this works before the virtualenv exists.
+install and where it goes come from the library's ``sources`` module, loaded from its file
+with the checkout's ``src/`` on the path (``sources`` and ``holiclip.io``, which says where the
+cache root is, need only the standard library), so this works before the virtualenv exists.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-SOURCES_PY = Path(__file__).resolve().parents[1] / "src" / "holiclip" / "benchmarks" / "emoji" / "data" / "sources.py"
+SRC = Path(__file__).resolve().parents[1] / "src"
+SOURCES_PY = SRC / "holiclip" / "benchmarks" / "emoji" / "data" / "sources.py"
 
 
 def _load_sources():
+    sys.path.insert(0, str(SRC))  # holiclip.io (stdlib only): the cache root
     spec = importlib.util.spec_from_file_location("holiclip_emoji_sources", SOURCES_PY)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
@@ -115,7 +118,8 @@ def fetch_missing(cache_dir: str | None, styles: tuple[str, ...], log=print):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Install the emoji benchmark's missing sources.")
-    p.add_argument("--cache-dir", default=None, help="default: $HOLICLIP_EMOJI_SOURCES or ./.cache/emoji-sources")
+    p.add_argument("--cache-dir", default=None, help="default: $HOLICLIP_EMOJI_SOURCES, else emoji-sources in the cache root "
+                   "($HOLICLIP_CACHE, else $XDG_CACHE_HOME/holiclip, else ~/.cache/holiclip)")
     p.add_argument("--styles", default="twemoji,openmoji", help="held-out artwork styles to fetch")
     p.add_argument("--check", action="store_true", help="only report, install nothing")
     args = p.parse_args(argv)

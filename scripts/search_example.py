@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/search_example.py            # about a minute on 2 CPU cores
 
-Embeds the test split of the emoji benchmark (``holiclip data emoji`` -> .cache/holiclip/emoji-default)
+Embeds the test split of the emoji benchmark (``holiclip data emoji`` -> ~/.cache/holiclip/emoji-default)
 with a trained model (``holiclip demo`` -> runs/demo/holistic_cls/seed0/model) through
 :func:`holiclip.integrations.search.embed_collection`, then runs a background query on the
 ``background`` branch and an object query on the ``main`` branch, each also on the fused
@@ -28,7 +28,7 @@ import torch
 
 from holiclip.evaluation import load_eval_model
 from holiclip.integrations.search import SearchIndex, embed_collection, encode_text_query
-from holiclip.io import jsonl_rows
+from holiclip.io import cache_root, jsonl_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def draw(path: Path, panels: list[dict], rows: dict, k: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=ROOT / "runs/demo/holistic_cls/seed0/model", type=Path)
-    ap.add_argument("--data", default=ROOT / ".cache/holiclip/emoji-default", type=Path)
+    ap.add_argument("--data", default=cache_root() / "emoji-default", type=Path)
     ap.add_argument("--split", default="test")
     ap.add_argument("--index", default=ROOT / "runs/search_example/index", type=Path)
     ap.add_argument("--out", default=ROOT / "docs/search_example.png", type=Path)

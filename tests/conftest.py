@@ -10,6 +10,18 @@ import holiclip  # (also installs the torchvision shim before open_clip is impor
 
 
 @pytest.fixture(autouse=True, scope="session")
+def cache_root_in_a_temporary_folder(tmp_path_factory):
+    """What the tests build, cache or download goes to a temporary cache root, never the user's
+    ~/.cache; the emoji sources stay where `make emoji-sources` installed them."""
+    from holiclip.benchmarks.emoji.data.sources import default_cache_dir
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HOLICLIP_EMOJI_SOURCES", str(default_cache_dir()))  # resolved before the root moves
+        env.setenv("HOLICLIP_CACHE", str(tmp_path_factory.mktemp("holiclip-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def console_messages():
     """holiclip's log messages on stdout / stderr as the command line shows them (tests read them with capsys)."""
     from holiclip import console

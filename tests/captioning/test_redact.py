@@ -48,7 +48,7 @@ def test_key_echoed_in_error_bodies_is_redacted_everywhere(tmp_path: Path, statu
     extra = ["--max-retries", "1", "--max-consecutive-failures", "2"] if status == 500 else ["--max-retries", "0"]
     with LoopbackServer(echo_status=status, lifetime_s=120) as srv:
         res = caption_cli(srv.url, tmp_path / "imgs", out, SECRET, "--concurrency", "1", "--perspectives", "detail",
-                   "--progress", *extra)
+                   *extra)  # progress bar on (the default)
         assert srv.posts >= 2  # the key really was sent and echoed
     assert res.returncode == (3 if status == 500 else 1), res.stderr[-2000:]
     fails = read_jsonl(out / "failures.jsonl")

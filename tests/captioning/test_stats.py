@@ -47,6 +47,6 @@ def test_default_minilm_embedder_orders_similarity():
 def test_stats_cli(tmp_path: Path):
     res = CliRunner().invoke(app, ["stats", str(_dataset(tmp_path)), "--no-diversity"])
     assert res.exit_code == 0, res.output
-    assert "images: 3   with every slot: 1" in res.output and "text diversity" not in res.output
+    assert "images: 3   captioned in every slot: 1" in res.output and "text diversity" not in res.output
     res = CliRunner().invoke(app, ["stats", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no such caption folder" in res.output

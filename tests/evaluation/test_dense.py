@@ -111,5 +111,25 @@ def test_real_read_out_runs(tmp_path, eval_model, solid_image):
         Image.fromarray(mask, mode="L").save(tmp_path / "masks" / f"{i}.png")
     (tmp_path / "classes.txt").write_text("red\nblue\n")
     res = run_task("dense", eval_model, tmp_path, templates="simple", per_branch=True)
-    assert res["task"] == "dense_segmentation" and len(res["rows"]) == 4
+    assert res["task"] == "dense_segmentation"
     assert 0.0 <= res["metrics"]["mIoU"] <= 1.0 and set(res["metrics"]["per_class_iou"]) == {"red", "blue"}
+    # Psi_CLS: one patch stream for all branches, so one row and a note, not 3 identical branch rows
+    assert eval_model.model.encoder == "cls" and len(eval_model.branch_names) == 3
+    assert len(res["rows"]) == 1 and "one patch stream shared by all its branches" in res["notes"][0]
+
+
+def test_per_branch_dense_rows_on_psi_mlp_are_the_branches_streams(tmp_path, solid_image, single_thread):
+    import holiclip
+    from holiclip.evaluation import load_eval_model
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(2):
+        solid_image(tmp_path / "images" / f"{i}.png", (200, 10 * i, 0), size=(30, 40))
+        Image.fromarray(np.eye(30, 40, dtype=np.uint8), mode="L").save(tmp_path / "masks" / f"{i}.png")
+    (tmp_path / "classes.txt").write_text("red\nblue\n")
+    model = holiclip.create_model("holi-tiny", encoder="mlp", branches=("web", "detail", "main"))
+    em = load_eval_model(holiclip.save_model(model, tmp_path / "mlp"))
+    res = run_task("dense", em, tmp_path, templates="simple", per_branch=True)
+    assert [r["branches"] for r in res["rows"]][:3] == ["web", "detail", "main"] and len(res["rows"]) == 4
+    assert "notes" not in res

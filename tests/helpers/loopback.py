@@ -4,7 +4,7 @@ It speaks just enough of the OpenAI protocol for ``holiclip caption run --backen
 decodes the base64 image of each request and answers ``"<sha256(image)[:12]> <prompt>"``,
 so a caller can check that every row pairs the right image with the right prompt. It can
 add a fixed latency to every request and inject faults on a request's *first* attempt
-(429 with Retry-After, 500, or a reply slower than the client's timeout), chosen
+(429 with Retry-After, 500, a reply slower than the client's timeout, or a refusal), chosen
 deterministically from the (image, prompt) pair. With ``echo_status`` it instead answers
 every request with that status and a body that echoes the request's headers and body, as
 some proxies and debug servers do (to check that a client never writes what it sent, its
@@ -39,6 +39,7 @@ class Faults:
     rate_429: float = 0.0
     rate_500: float = 0.0
     rate_slow: float = 0.0
+    rate_refuse: float = 0.0  # a 200 answer whose text is a refusal
     slow_s: float = 2.0
     retry_after: str = "0"
 
@@ -50,6 +51,8 @@ class Faults:
             return "500"
         if u < self.rate_429 + self.rate_500 + self.rate_slow:
             return "slow"
+        if u < self.rate_429 + self.rate_500 + self.rate_slow + self.rate_refuse:
+            return "refuse"
         return "ok"
 
 
@@ -57,7 +60,7 @@ class Faults:
 class Seen:
     prompt: str
     image_sha: str
-    outcome: str  # "ok", "429", "500", "slow"
+    outcome: str  # "ok", "429", "500", "slow", "refuse"
     t: float
 
 
@@ -82,9 +85,12 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     return ChatRequest(prompt, image, int(req.get("max_tokens") or 1_000_000), req.get("model"))
 
 
-def completion(n: int, req: ChatRequest) -> dict:
+REFUSAL = "I'm sorry, but I can't help with describing this image."
+
+
+def completion(n: int, req: ChatRequest, refuse: bool = False) -> dict:
     """The chat-completion body for a request; more words than max_tokens are cut ("length")."""
-    words = expected_text(req.image, req.prompt).split(" ")
+    words = (REFUSAL if refuse else expected_text(req.image, req.prompt)).split(" ")
     finish = "stop"
     if len(words) > req.max_tokens:  # crude stand-in for a token limit
         words, finish = words[:req.max_tokens], "length"
@@ -143,7 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(500, {"error": {"message": "injected failure"}})
         if outcome == "slow":
             time.sleep(owner.faults.slow_s)
-        self._send(200, completion(n, req))
+        self._send(200, completion(n, req, refuse=outcome == "refuse"))
 
 
 class _HTTPServer(ThreadingHTTPServer):

@@ -38,9 +38,9 @@ from holiclip.data.webdataset import ID_SEP, SHARD_EXTS, read_webdataset, shard_
 from holiclip.io import atomic_path
 
 from .perspectives import PAPER_PERSPECTIVES
-from .quality import MISSING_FLAGS, caption_flags
+from .quality import MISSING_FLAGS, caption_flags, is_caption
 from .sources import ImageSource, file_key
-from .store import ReadProblems, caption_files, read_rows
+from .store import ReadProblems, caption_files, read_failures, read_rows
 
 
 class MergeError(DataError):
@@ -62,12 +62,25 @@ class CaptionTable:
     origin: dict[str, str] = field(default_factory=dict)  # image -> first "file:line" seen
     duplicates_ignored: int = 0
     problems: ReadProblems = field(default_factory=ReadProblems)
+    failed: set = field(default_factory=set)  # (perspective, model) keys with a failed request (failures.jsonl)
+
+    def keys(self) -> set[tuple[str, str | None]]:
+        """Every slot key seen: captioned, or asked for and failed (a slot whose requests all failed is a slot)."""
+        return {k for caps in self.by_image.values() for k in caps} | self.failed
+
+    def add_failure(self, image: str, key: tuple[str, str], where: str) -> None:
+        """A request ``caption run`` gave up on: the image is known, that slot stays missing until captioned."""
+        self.by_image.setdefault(image, {})
+        self.origin.setdefault(image, where)
+        self.failed.add(key)
 
     def add(self, image: str, key: tuple[str, str | None], cap: Caption) -> None:
         slots = self.by_image.setdefault(image, {})
         self.origin.setdefault(image, cap.where)
-        if key in slots:  # e.g. the same run merged twice: first one wins
+        if key in slots:  # e.g. the same run merged twice: first one wins, a caption over a refusal
             self.duplicates_ignored += 1
+            if is_caption(cap.text) and not is_caption(slots[key].text):
+                slots[key] = cap  # re-captioned after an older version kept the refused row
             return
         slots[key] = cap
 
@@ -88,6 +101,10 @@ def read_caption_dir(folder: str | os.PathLike, table: CaptionTable) -> None:
                 (str(row["perspective"]), str(row["model"])),
                 Caption(str(row["text"]), row.get("finish_reason"), where),
             )
+    # Requests that failed (refused, unreadable, given up on): an image whose every request failed
+    # has no caption row, yet it is not captioned; merge and stats count it as `caption run` does.
+    for where, row in read_failures(folder, table.problems):
+        table.add_failure(_abs_key(str(row["image"]), folder), (str(row["perspective"]), str(row["model"])), where)
 
 
 def read_training_jsonl(path: str | os.PathLike, table: CaptionTable,
@@ -228,7 +245,7 @@ def merge_captions(
     if web_captions is not None:
         read_web_captions(web_captions, table, list_slots)
     read_inputs(caption_dirs, list_slots, table)
-    names = assign_slot_names({k for caps in table.by_image.values() for k in caps}, aliases, model_suffix)
+    names = assign_slot_names(table.keys(), aliases, model_suffix)
     slots = choose_slots(default_slot_order(names.values()), slots, missing)
     rep = MergeReport(out=str(out if shards is None else shards), slots=slots,
                       duplicates_ignored=table.duplicates_ignored, problems=table.problems.items)

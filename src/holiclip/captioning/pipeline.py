@@ -1,9 +1,14 @@
 """The resumable captioning runner: images x perspectives -> ``captions.jsonl`` rows.
 
 Resume: at start, every ``captions*.jsonl`` of the output folder is read and each
-(image, perspective, model) already present is skipped; so re-running the same command only
+(image, perspective, model) already captioned is skipped; so re-running the same command only
 does what is missing (failed requests included) and never writes a row twice. A hard kill
 loses at most the requests in flight (see ``store`` for the crash-safety of the file).
+
+Refusals: an empty or refused answer (``quality.is_caption``) is asked again up to
+``retry_refusals`` times; one still refused is a failure (``failures.jsonl``, never a caption
+row), so the run reports it and a re-run sends it again. A row an older version wrote with a
+refused text does not count as captioned either.
 
 Throughput: a bounded queue feeds ``concurrency`` workers, each sending batches of up to
 ``batch_size`` requests to the backend; the queue bound keeps memory flat on millions of
@@ -21,8 +26,9 @@ from typing import Sequence
 
 from .backends import Backend, CaptionFatalError, CaptionRequest, CaptionResult
 from .perspectives import Perspective
+from .quality import is_caption, missing_flag
 from .sources import ImageSource, guess_mime
-from .store import CaptionWriter, ReadProblems, append_jsonl, caption_file_name, caption_files, read_rows
+from .store import FAILURES, CaptionWriter, ReadProblems, append_jsonl, caption_file_name, caption_files, read_rows
 
 log = logging.getLogger("holiclip.captioning")
 
@@ -40,6 +46,7 @@ class RunStats:
     rows_written: int = 0
     failures: int = 0
     retries: int = 0
+    refusal_retries: int = 0  # empty / refused answers asked again
     seconds: float = 0.0
     output: str = ""
     problems: list[str] = field(default_factory=list)  # torn/bad lines found while resuming
@@ -51,7 +58,8 @@ class RunStats:
 
 def load_done(out_dir: Path, model: str, perspectives: Sequence[Perspective],
               problems: ReadProblems | None = None) -> dict[str, int]:
-    """image -> bit mask of the perspectives (by position) already captioned by ``model``."""
+    """image -> bit mask of the perspectives (by position) already captioned by ``model`` (a
+    refused or empty text is not captioned)."""
     bit = {p.name: 1 << k for k, p in enumerate(perspectives)}
     done: dict[str, int] = {}
     if not out_dir.is_dir():
@@ -59,7 +67,7 @@ def load_done(out_dir: Path, model: str, perspectives: Sequence[Perspective],
     for path in caption_files(out_dir):
         for _, row in read_rows(path, problems):
             b = bit.get(row["perspective"])
-            if b and row["model"] == model:
+            if b and row["model"] == model and is_caption(row["text"]):
                 done[row["image"]] = done.get(row["image"], 0) | b
     return done
 
@@ -69,8 +77,10 @@ class _Run:
     drain it in batches, and the counters live in ``stats``."""
 
     def __init__(self, source: ImageSource, perspectives: Sequence[Perspective], backend: Backend,
-                 out_dir: Path, max_new_tokens: int, progress: bool, max_consecutive_failures: int):
+                 out_dir: Path, max_new_tokens: int, progress: bool, max_consecutive_failures: int,
+                 retry_refusals: int = 2):
         self.source, self.backend, self.out_dir = source, backend, out_dir
+        self.retry_refusals = retry_refusals
         self.perspectives = list(perspectives)
         self.full_mask = (1 << len(self.perspectives)) - 1
         self.max_new_tokens, self.max_consecutive_failures = max_new_tokens, max_consecutive_failures
@@ -91,7 +101,7 @@ class _Run:
         self.workers_n = max(1, backend.concurrency)
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=self.workers_n * backend.batch_size * 2)
         self.remaining: dict[str, int] = {}  # image -> requests still in flight
-        self.failures_log = out_dir / "failures.jsonl"
+        self.failures_log = out_dir / FAILURES
         self.consecutive = 0  # failures in a row
         self.bar = None
         if progress:
@@ -167,7 +177,10 @@ class _Run:
                 # Not the image's fault: no failure row; the rest of the batch is still kept.
                 fatal = fatal or res
                 continue
-            if isinstance(res, CaptionResult):
+            if isinstance(res, CaptionResult) and not is_caption(res.text):
+                self.record_failure(r.image, r.perspective, f"{missing_flag(res.text)} answer "
+                                    f"(asked {self.retry_refusals + 1} times): {res.text[:120]!r}")
+            elif isinstance(res, CaptionResult):
                 self.consecutive = 0
                 self.writer.write({"image": r.image, "perspective": r.perspective, "model": self.backend.model,
                                    "prompt": r.prompt, "text": res.text, "finish_reason": res.finish_reason})
@@ -189,9 +202,22 @@ class _Run:
             batch, last = await self.next_batch()
             if batch:
                 self.stats.requests += len(batch)
-                self.record_results(batch, await self.backend.generate(batch))
+                self.record_results(batch, await self.ask_again(batch, await self.backend.generate(batch)))
             if last:
                 return
+
+    async def ask_again(self, batch: list[CaptionRequest], results: list) -> list:
+        """Sends the requests answered with an empty or refused text again, up to ``retry_refusals`` times."""
+        results = list(results)
+        for _ in range(self.retry_refusals):
+            again = [k for k, res in enumerate(results) if isinstance(res, CaptionResult) and not is_caption(res.text)]
+            if not again:
+                break
+            self.stats.requests += len(again)
+            self.stats.refusal_retries += len(again)
+            for k, res in zip(again, await self.backend.generate([batch[k] for k in again])):
+                results[k] = res
+        return results
 
     async def run(self) -> RunStats:
         workers = [asyncio.create_task(self.work()) for _ in range(self.workers_n)]
@@ -232,9 +258,10 @@ async def run_captioning_async(
     max_new_tokens: int = 77,
     progress: bool = True,
     max_consecutive_failures: int = 100,
+    retry_refusals: int = 2,
 ) -> RunStats:
     return await _Run(source, perspectives, backend, Path(out_dir), max_new_tokens, progress,
-                      max_consecutive_failures).run()
+                      max_consecutive_failures, retry_refusals).run()
 
 
 async def _watch(tasks: set, until: list) -> set:

@@ -7,8 +7,10 @@
 - ``duplicate``: the same text (after normalising case, spaces and end punctuation) as
   another slot of the same image, so it adds no new perspective.
 
-``merge`` treats empty and refused captions as missing (they would train a branch on noise);
-``stats`` counts every flag.
+Empty and refused answers are no caption at all (they would train a branch on noise): ``caption
+run`` retries them (``--retry-refusals``), records the ones still refused as failures and sends
+them again on a re-run; ``merge`` and ``stats`` count them as missing (:func:`is_caption` is the
+one test all three use). ``stats`` counts every flag.
 """
 from __future__ import annotations
 
@@ -58,3 +60,13 @@ def duplicate_slots(texts: Mapping[str, str]) -> set[str]:
         if key:
             seen.setdefault(key, []).append(slot)
     return {s for slots in seen.values() if len(slots) > 1 for s in slots}
+
+
+def missing_flag(text: str | None) -> str | None:
+    """``"empty"`` or ``"refused"`` when the text is no caption; None for a caption."""
+    return next((f for f in caption_flags(text) if f in MISSING_FLAGS), None)
+
+
+def is_caption(text: str | None) -> bool:
+    """What ``caption run``, ``merge`` and ``stats`` count as captioned: not empty, not a refusal."""
+    return missing_flag(text) is None

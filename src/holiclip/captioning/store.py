@@ -64,6 +64,24 @@ def read_rows(path: str | os.PathLike, problems: ReadProblems | None = None) -> 
     yield from jsonl_rows(path, _caption_row, on_error="skip", skipped=skipped, torn_tail=True)
 
 
+FAILURES = "failures.jsonl"  # {"image", "perspective", "model", "error", "time"}: one line per request given up on
+
+
+def _failure_row(row: dict, where: str) -> dict:
+    if any(k not in row for k in ("image", "perspective", "model")):
+        raise ValueError(f"{where}: not a failure row (needs image, perspective, model)")
+    return row
+
+
+def read_failures(folder: str | os.PathLike, problems: ReadProblems | None = None) -> Iterator[tuple[str, dict]]:
+    """The folder's failed requests, as :func:`read_rows` reads captions; nothing when there were none."""
+    path = Path(folder) / FAILURES
+    if not path.is_file():
+        return
+    skipped = None if problems is None else (lambda message: problems.items.append(f"{message}, skipped"))
+    yield from jsonl_rows(path, _failure_row, on_error="skip", skipped=skipped, torn_tail=True)
+
+
 def repair_torn_tail(path: str | os.PathLike) -> int:
     """Truncates an unterminated last line; returns the number of bytes dropped."""
     path = Path(path)

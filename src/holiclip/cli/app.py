@@ -30,7 +30,8 @@ app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty
 # commands, so that --help stays fast.
 _GROUPS = [
     ("holiclip.cli.models", "app", "models", "List and inspect architectures."),
-    ("holiclip.cli.train", "app", "train", "Train Holistic CLIP / CLIP / O2M from a YAML config."),
+    ("holiclip.cli.train", "app", "train", "Train Holistic CLIP / CLIP / O2M from a shipped config or a YAML file."),
+    ("holiclip.cli.configs", "app", "configs", "List and print the training configs that ship with holiclip."),
     ("holiclip.cli.data", "app", "data", "Build and inspect datasets (built-in emoji benchmark)."),
     ("holiclip.cli.caption", "app", "caption", "Caption images from several perspectives with VLMs."),
     ("holiclip.cli.eval", "app", "eval", "Evaluate a checkpoint: retrieval, zero-shot, dense, diversity."),
@@ -39,6 +40,22 @@ _GROUPS = [
     ("holiclip.cli.search", "embed", "embed", "Embed a collection of images: per-branch and fused faiss indexes."),
     ("holiclip.cli.search", "search", "search", "Search an embedded collection by text or example image, per branch."),
 ]
+
+
+
+def _version(value: bool) -> None:
+    if value:
+        from holiclip import __version__
+
+        typer.echo(f"holiclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    pass
+
 
 for module_name, attr, name, help_text in _GROUPS:
     obj = getattr(importlib.import_module(module_name), attr)

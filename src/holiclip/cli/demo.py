@@ -25,7 +25,11 @@ def app(
     reuse: Optional[str] = typer.Option(None, "--reuse", help="With --ablations: comma-separated folders of "
                                         "finished runs to reuse (default runs/demo)."),
     records_only: bool = typer.Option(False, "--records-only", help="With --ablations: train nothing; report the "
-                                      "runs recorded in docs/reproduction/runs and list the missing ones."),
+                                      "runs recorded (in --out's records/ and docs/reproduction/runs) and list the "
+                                      "missing ones."),
+    publish: bool = typer.Option(False, "--publish", help="With --ablations, in a checkout: also write the full "
+                                 "report to docs/reproduction.md (its figures and run records beside it) and the "
+                                 "README's summary. Without it nothing is written into the checkout."),
 ) -> None:
     """CLIP vs O2M vs Holistic CLIP on the built-in emoji benchmark: trains, evaluates, reports."""
     from holiclip.benchmarks.emoji.data.sources import MissingSourcesError
@@ -35,21 +39,21 @@ def app(
         raise typer.BadParameter("--quick and --full exclude each other")
     if ablations and (full or data or steps):
         raise typer.BadParameter("--ablations has its own data, steps and seeds (3): drop --full, --data, --steps")
-    if (reuse or records_only) and not ablations:
-        raise typer.BadParameter("--reuse and --records-only go with --ablations")
+    if (reuse or records_only or publish) and not ablations:
+        raise typer.BadParameter("--reuse, --records-only and --publish go with --ablations")
     mode = "quick" if quick else "full" if full else "default"
     names = comma_list(variants)
     # the report names the command that produced it: these options, as given
     given = {"--quick": quick, "--full": full, "--variants": variants, "--out": out, "--data": data,
              "--steps": steps, "--seeds": seeds, "--jobs": jobs, "--ablations": ablations, "--reuse": reuse,
-             "--records-only": records_only}
+             "--records-only": records_only, "--publish": publish}
     args = [a for k, v in given.items() if v is not None and v is not False for a in ((k,) if v is True else (k, str(v)))]
     try:
         if ablations:
             from holiclip.benchmarks.emoji.ablations import run_ablations
 
             run_ablations(quick, out, seeds, jobs, comma_list(reuse), names, command=shlex.join(["holiclip", "demo", *args]),
-                          records_only=records_only)
+                          records_only=records_only, publish=publish)
             return
         run_demo(mode, names, out or ("runs/demo-quick" if quick else "runs/demo"), data, steps, seeds, jobs,
                  command=shlex.join(["holiclip", "demo", *args]))

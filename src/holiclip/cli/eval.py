@@ -12,21 +12,21 @@ from ._options import comma_list
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evaluate a checkpoint.")
 
 # -- shared options ------------------------------------------------------------------------
-Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="holiclip model folder (or its model.safetensors).")]
+Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", "-c", metavar="PATH", help="holiclip model folder (or its model.safetensors).")]
 ModelName = Annotated[Optional[str], typer.Option("--model", help="Architecture name, instead of --checkpoint (plain CLIP = H 1).")]
 Pretrained = Annotated[Optional[str], typer.Option("--pretrained", help="With --model: open_clip tag or weights file.")]
-Data = Annotated[Path, typer.Option("--data", "-d", help="Dataset path (see docs/evaluation.md for formats).")]
+Data = Annotated[Path, typer.Option("--data", "-d", metavar="PATH", help="Dataset path (see docs/evaluation.md for formats).")]
 Fusion = Annotated[str, typer.Option("--fusion", help="mean | mean-logits | max | norm-max")]
 Branches = Annotated[Optional[str], typer.Option("--branches", help="Comma-separated branch subset, e.g. main,detail.")]
 PerBranch = Annotated[bool, typer.Option("--per-branch", help="Also one row per branch alone.")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Result JSON path (default results/<task>-<dataset>.json).")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help="Result JSON path (default results/<task>-<dataset>.json).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 Workers = Annotated[int, typer.Option("--workers", help="Image loading workers.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N images (quick checks).")]
 StratifiedLimit = Annotated[Optional[int], typer.Option(
     "--limit", help="Only N images (quick checks): a seeded subset taking every class in turn.")]
-Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]  # one name: help stays narrow
 Templates = Annotated[str, typer.Option("--templates", help="openai | simple | a file with one '{}' template per line.")]
 Ties = Annotated[str, typer.Option("--ties", help="A correct item tied with wrong ones: pessimistic (ranks below them), "
                                    "optimistic, or clip-benchmark (torch.topk's order, as CLIP_benchmark).")]
@@ -44,6 +44,8 @@ def _run(task: str, checkpoint, model, pretrained, device, out, percent: bool = 
         raise typer.Exit(2) from None
     title = f"{result['task']} - {result['dataset']} - {em.name} ({em.pretrained})" + (" [%]" if percent else "")
     print_rows(result["rows"], result["columns"], title=title, percent=percent)
+    for note in result.get("notes", []):
+        typer.secho(note, fg="yellow", err=True)
     skipped = result.get("skipped_images") or []
     if skipped:  # left out of the metrics: say so, naming the files
         shown = "; ".join(f"{s['image']} ({s['error']})" for s in skipped[:5])
@@ -65,12 +67,12 @@ def retrieval(
     model: ModelName = None,
     pretrained: Pretrained = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | manifest | coco | karpathy | long | urban1k")] = "auto",
-    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder the image paths are relative to.")] = None,
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", metavar="DIR", help="Folder the image paths are relative to.")] = None,
     split: Annotated[str, typer.Option("--split", help="Karpathy split.")] = "test",
     slots: Annotated[Optional[str], typer.Option("--slots", help="Our manifests: caption slots used as texts (all by default).")] = None,
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Long-caption files: the caption field.")] = None,
     long_text: Annotated[str, typer.Option("--long-text", help="truncate | split (sentence embeddings averaged).")] = "truncate",
-    identical_as_hits: Annotated[bool, typer.Option("--identical-captions-as-hits", help="Images sharing a caption count as each other's match.")] = False,
+    identical_as_hits: Annotated[bool, typer.Option("--identical-as-hits", help="Images sharing a caption count as each other's match.")] = False,
     fusion: Fusion = "mean",
     branches: Branches = None,
     per_branch: PerBranch = False,
@@ -81,14 +83,14 @@ def retrieval(
     limit: Limit = None,
     device: Device = "cpu",
     out: Out = None,
-    progress: Progress = True,
+    no_progress: NoProgress = False,
 ) -> None:
     """Image-text recall@1/5/10 both ways (several captions per image)."""
     _run(
         "retrieval", checkpoint, model, pretrained, device, out, data=data, fmt=fmt, image_root=image_root, split=split,
         slots=comma_list(slots), text_field=text_field, long_text=long_text, identical_captions_as_hits=identical_as_hits,
         fusion=fusion, branches=comma_list(branches), per_branch=per_branch, chunk_size=chunk_size, ties=ties,
-        batch_size=batch_size, num_workers=workers, limit=limit, progress=progress,
+        batch_size=batch_size, num_workers=workers, limit=limit, progress=not no_progress,
     )
 
 
@@ -111,13 +113,13 @@ def long_retrieval(
     limit: Limit = None,
     device: Device = "cpu",
     out: Out = None,
-    progress: Progress = True,
+    no_progress: NoProgress = False,
 ) -> None:
     """Retrieval with long captions (detail slot, ShareGPT4V / Urban1k / DCI-style files)."""
     _run(
         "long-retrieval", checkpoint, model, pretrained, device, out, data=data, fmt=fmt, image_root=image_root,
         slots=comma_list(slots), text_field=text_field, long_text=long_text, fusion=fusion, branches=comma_list(branches),
-        per_branch=per_branch, batch_size=batch_size, num_workers=workers, limit=limit, progress=progress,
+        per_branch=per_branch, batch_size=batch_size, num_workers=workers, limit=limit, progress=not no_progress,
     )
 
 
@@ -137,13 +139,13 @@ def zeroshot(
     limit: StratifiedLimit = None,
     device: Device = "cpu",
     out: Out = None,
-    progress: Progress = True,
+    no_progress: NoProgress = False,
 ) -> None:
     """Zero-shot classification on an ImageFolder: top-1/top-5, per-class recall."""
     _run(
         "zeroshot", checkpoint, model, pretrained, device, out, data=data, classnames=classnames, templates=templates,
         fusion=fusion, branches=comma_list(branches), per_branch=per_branch, batch_size=batch_size, num_workers=workers,
-        limit=limit, progress=progress,
+        limit=limit, progress=not no_progress,
     )
 
 
@@ -162,13 +164,13 @@ def dense(
     limit: Limit = None,
     device: Device = "cpu",
     out: Out = None,
-    progress: Progress = True,
+    no_progress: NoProgress = False,
 ) -> None:
     """Open-vocabulary segmentation from patch tokens; mIoU against class-index masks."""
     _run(
         "dense", checkpoint, model, pretrained, device, out, data=data, classes=classes, templates=templates,
         fusion=fusion, branches=comma_list(branches), per_branch=per_branch, batch_size=batch_size, limit=limit,
-        progress=progress,
+        progress=not no_progress,
     )
 
 
@@ -182,12 +184,12 @@ def diversity(
     limit: Limit = None,
     device: Device = "cpu",
     out: Out = None,
-    progress: Progress = True,
+    no_progress: NoProgress = False,
 ) -> None:
     """Mean cosine similarity between an image's texts, per slot pair (paper Table 9)."""
     _run(
         "diversity", checkpoint, model, pretrained, device, out, percent=False, data=data, slots=comma_list(slots),
-        limit=limit, progress=progress,
+        limit=limit, progress=not no_progress,
     )
 
 

@@ -184,7 +184,10 @@ def dense_task(
     progress: bool = False,
 ) -> dict:
     ds = load_segmentation(data, classes, limit)
-    variants = branch_variants(em.branch_names, fusion, branches, per_branch)
+    # Psi_CLS: the branches differ only in their class tokens; every branch reads the same patch
+    # tokens, so per-branch rows would repeat one number as if it were H results
+    shared_stream = per_branch and getattr(em.model, "encoder", None) == "cls" and len(em.branch_names) > 1
+    variants = branch_variants(em.branch_names, fusion, branches, per_branch and not shared_stream)
     class_features = build_classifier(em.model, em.tokenizer, ds.classnames, load_templates(templates), em.device).T
     skipped: list[dict] = []
     per = evaluate_segmentation(
@@ -197,7 +200,13 @@ def dense_task(
         images=len(ds.images) - len(skipped), classes=len(ds.classnames), skipped_images=skipped,
     )
     result["metrics"]["per_class_iou"] = per[variants[-1][0]]["per_class_iou"]
+    if shared_stream:
+        result["notes"] = [SHARED_PATCH_STREAM]
     return result
+
+
+SHARED_PATCH_STREAM = ("--per-branch: this Psi_CLS model has one patch stream shared by all its branches (they differ "
+                       "only in their class tokens), so every branch gives the row above; Psi_MLP has a stream per branch")
 
 
 @register_task("diversity")

@@ -27,7 +27,7 @@ from open_clip.utils import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-ENCODERS = ("cls", "mlp")
+from . import ENCODERS  # defined in models/__init__, free of torch, for the config check
 
 
 class BranchLinear(nn.Module):

@@ -18,7 +18,7 @@ import torch
 
 from .._extras import require
 from ..io import package_path, read_json
-from . import sources
+from . import config_summary, sources  # noqa: F401  (config_summary: defined torch-free; integrations.hub reads it here)
 from .holistic import HolisticCLIP
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -272,12 +272,6 @@ def get_transforms(model_or_name, is_train: bool = False):
         get_model_config(model_or_name)["vision_cfg"]["image_size"]
     )
     return open_clip.image_transform(size, is_train=is_train)
-
-
-def config_summary(cfg: dict[str, Any]) -> str:
-    v, t = cfg["vision_cfg"], cfg.get("text_cfg", {})
-    text = t.get("hf_model_name") or f"{t.get('layers')}x{t.get('width')}"
-    return f"ViT {v['layers']}x{v['width']} /{v['patch_size']} @{v['image_size']}px, text {text}, D={cfg['embed_dim']}"
 
 
 def save_model(model: HolisticCLIP, directory: str | Path, extra: dict | None = None) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import re
 import types
@@ -22,6 +23,20 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from ..io import cache_root
+
+
+
+def _cache_path(sub: str = "") -> str:
+    """``${cache:emoji-default/train.jsonl}`` in a config: a path under holiclip's cache root (the
+    shipped demo configs name the benchmark data the demo builds there)."""
+    return str(cache_root() / sub)
+
+
+# OmegaConf 2.4 renamed register_new_resolver (2.3) to register_resolver
+_new_api = "annotation_validation" in inspect.signature(OmegaConf.register_resolver).parameters
+(OmegaConf.register_resolver if _new_api else OmegaConf.register_new_resolver)("cache", _cache_path, replace=True)
 
 
 @dataclass
@@ -90,7 +105,8 @@ class RunCfg:
     tensorboard: bool = True
     progress: bool = True
     max_steps_this_run: int | None = None  # stop early (tests simulate an interruption)
-    cache_dir: str = ".cache/holiclip"  # text-feature caches shared between runs
+    # text-feature caches shared between runs: <cache root>/text-features (holiclip.io.cache_root)
+    cache_dir: str = field(default_factory=lambda: str(cache_root() / "text-features"))
     compile: bool = False  # torch.compile the model (on CPU inductor needs a C++ compiler, g++ or $CXX)
 
 
@@ -243,11 +259,13 @@ def from_dict(data: dict, origin: str = "<dict>") -> TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) then ``section.key=value`` overrides, checked against the dataclasses above."""
+    """YAML file or shipped config name (optional), then ``section.key=value`` overrides, checked
+    against the dataclasses above."""
     cfg, origins = OmegaConf.structured(TrainConfig), {}
     if path:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: no such config file")
+        from .presets import find_config  # (it imports this module)
+
+        path = find_config(path)
         try:
             data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
             lines = _yaml_lines(Path(path).read_text())
@@ -294,7 +312,7 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
         return x is None or math.isfinite(x)
 
     m, d, lo, o, r = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.run
-    from ..models.branches import ENCODERS  # imported here: importing this module stays free of torch
+    from ..models import ENCODERS  # not models.branches: checking a config stays free of torch
 
     one_of("model.encoder", ENCODERS, m.encoder)
     names("model.branches", m.branches, optional=True)

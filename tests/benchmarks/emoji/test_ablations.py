@@ -112,7 +112,7 @@ def test_report_plots_and_published_copy(tmp_path):
     checkout = tmp_path / "checkout"
     (checkout / "docs").mkdir(parents=True)
     (checkout / "README.md").write_text(f"# x\n\n{A.README_START}\nOLD-BLOCK-TEXT\n{A.README_END}\n\n## after\n")
-    A.publish(summary, out, figures, checkout / "docs" / "reproduction.md")
+    A.publish_report(summary, out, figures, checkout / "docs" / "reproduction.md")
     published = (checkout / "docs" / "reproduction.md").read_text()
     assert "![fusion modes](reproduction/fusion_modes.png)" in published
     assert all((checkout / "docs" / "reproduction" / f).is_file() for f in figures)
@@ -214,8 +214,14 @@ def test_cli_runs_the_ablations_with_its_options(monkeypatch):
     assert res.exit_code == 0, res.output
     assert seen["args"][:5] == (True, None, 2, None, ["runs/demo", "runs/x"])
     assert seen["kwargs"]["command"] == "holiclip demo --quick --seeds 2 --ablations --reuse runs/demo,runs/x"
+    assert seen["kwargs"]["publish"] is False  # nothing goes into the checkout unless asked
+    res = CliRunner().invoke(app, ["demo", "--ablations", "--publish"])
+    assert res.exit_code == 0 and seen["kwargs"]["publish"] is True, res.output
     bad = CliRunner().invoke(app, ["demo", "--ablations", "--full"])
     assert bad.exit_code != 0 and "--ablations has its own" in bad.output
+    bad = CliRunner().invoke(app, ["demo", "--publish"])
+    assert bad.exit_code != 0 and "go with --ablations" in bad.output
+
 
 
 def test_budget_gives_two_seeds_to_the_named_ablations_and_the_report_says_so(tmp_path):

@@ -1,4 +1,4 @@
-"""The demo: its variants are the YAML files in configs/demo; the quick mode runs end to end;
+"""The demo: its variants are the shipped YAML files demo/*; the quick mode runs end to end;
 `holiclip demo --data DIR` uses the dataset in DIR as it is, never rebuilt over."""
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ VARIANT = replace(TINY, seed=5, train=24)  # a user's own build, not the demo's 
 def test_demo_variants_are_yaml_files_that_differ_only_in_the_variant_keys(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found from the package, whatever the working directory
     demo.load_variant.cache_clear()
-    folder = Path(__file__).parents[3] / "configs" / "demo"
+    folder = demo.VARIANT_DIR  # shipped with the package; a checkout's configs/demo is the same folder
+    assert folder.resolve() == (Path(__file__).parents[3] / "configs" / "demo").resolve()
     assert sorted(demo.VARIANTS) == sorted(p.stem for p in folder.glob("*.yaml"))
     flat = {}
     for name in demo.VARIANTS:

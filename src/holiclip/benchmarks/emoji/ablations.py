@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from holiclip.evaluation.report import write_json
+from holiclip.io import cache_root
 
 from . import demo, twostyle
 from .data import build as emoji
@@ -230,7 +231,10 @@ def variant_seeds(mode: "demo.Mode", name: str, seeds: int | None) -> tuple[int,
 # its training settings, data key, evaluation settings, metrics, times and machine. A later command
 # uses a record instead of training again when all three still match, so the runs can be spread over
 # several sittings or machines, and anyone can re-derive the report from the recorded numbers.
-DOCS = demo.VARIANT_DIR.parents[1] / "docs" / "reproduction.md"
+# the checkout this module runs from (src/holiclip/benchmarks/emoji/ablations.py -> the checkout):
+# only `--publish` writes there
+CHECKOUT = Path(__file__).resolve().parents[4]
+DOCS = CHECKOUT / "docs" / "reproduction.md"
 RECORDS = DOCS.with_suffix("") / "runs"
 
 
@@ -294,14 +298,20 @@ def read_record(records: Path, name: str, seed: int, wanted, data: Path, setting
 def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int | None = None,
                   jobs: int | None = None, reuse: Sequence[str | Path] | None = None,
                   variants: Sequence[str] | None = None, docs: str | Path | None = None,
-                  command: str | None = None, records: str | Path | None = None, records_only: bool = False) -> dict:
+                  command: str | None = None, records: str | Path | None = None, records_only: bool = False,
+                  publish: bool = False) -> dict:
     """Trains what is missing, evaluates every run, writes ``report.md``, ``results.json`` and
-    plots into ``out``; the full run of every variant (not quick, no ``variants``) also writes the
-    report to ``docs`` (default the checkout's docs/reproduction.md, figures in docs/reproduction/)
-    and fills the README's ablation summary. Each finished run is recorded in ``records`` (default
-    docs/reproduction/runs, ``<out>/records`` with ``quick``), and a matching record stands for the
-    run (nothing trained or evaluated). ``records_only``: nothing is trained or evaluated; the report
-    covers the recorded runs and lists the missing ones (a partial report is never published)."""
+    plots into ``out``. With ``publish``, the full run of every variant (not quick, no ``variants``)
+    also writes the report to ``docs`` (default the checkout's docs/reproduction.md, figures in
+    docs/reproduction/) and fills the README's ablation summary; without it nothing is written into
+    the checkout. Each finished run is recorded in ``records`` (default ``<out>/records``; with
+    ``publish`` the checkout's docs/reproduction/runs), and a matching record stands for the run
+    (nothing trained or evaluated); the published records are read too. ``records_only``: nothing
+    is trained or evaluated; the report covers the recorded runs and lists the missing ones (a
+    partial report is never published)."""
+    if publish and docs is None and not (CHECKOUT / "README.md").is_file():
+        raise ValueError(f"--publish writes a checkout's docs/ and README.md; there is none at {CHECKOUT} "
+                         "(run it from a clone installed with pip install -e .)")
     t_start = time.perf_counter()
     mode = demo.MODES["quick" if quick else "full"]
     if seeds:
@@ -318,24 +328,25 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
                         similarity_images=40 if quick else 1000)
     for n in names:  # every config checked before any build or training
         demo.variant_config(mode, n, Path("."), out, 0, Path("."))
-    cache_dir = Path(".cache/holiclip")
+    cache_dir = demo.text_features_dir()
     jobs = jobs if jobs is not None else min(2, os.cpu_count() or 1)
     t0 = time.perf_counter()
     groups = {}
     default_names = [n for n in names if n in DEFAULT_DATA]
     styled = [n for n in names if n in TWO_STYLE]
     if default_names:
-        data = cache_dir / f"emoji-{mode.preset}"
+        data = cache_root() / f"emoji-{mode.preset}"
         emoji.build(data, emoji.preset(mode.preset))
         groups[data] = default_names
     if styled:
-        data = cache_dir / ("emoji-twostyle-tiny" if quick else "emoji-twostyle")
+        data = cache_root() / ("emoji-twostyle-tiny" if quick else "emoji-twostyle")
         twostyle.build(data, twostyle.params(mode.preset))
         groups[data] = styled
     data_s = time.perf_counter() - t0
     models = {demo.variant_config(mode, n, Path("."), out, 0, Path(".")).model.name for n in names}
     evaluator = functools.partial(evaluate_run, out=out, settings=settings)
-    records = Path(records) if records is not None else (out / "records" if quick else RECORDS)
+    published = [] if quick or records is not None else [RECORDS]  # read, written only with publish
+    records = Path(records) if records is not None else (RECORDS if publish and not quick else out / "records")
     machine = describe_machine(jobs, demo.threads_per_run(jobs, 2), command)
     data_of = {n: d for d, g in groups.items() for n in g}
     seeds_of = {n: variant_seeds(mode, n, seeds) for n in names}
@@ -343,7 +354,8 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
     runs = {}
     for n, s in work:
         cfg = demo.variant_config(mode, n, data_of[n], out / n / f"seed{s}", s, cache_dir)
-        rec = read_record(records, n, s, cfg, data_of[n], settings)
+        rec = next((r for folder in (records, *published) if (r := read_record(folder, n, s, cfg, data_of[n], settings))),
+                   None)
         if rec is not None:
             runs[(n, s)] = rec
     todo = [w for w in work if w not in runs]
@@ -401,14 +413,16 @@ def run_ablations(quick: bool = False, out: str | Path | None = None, seeds: int
     summary["figures"] = figures
     write_json(out / "results.json", summary)
     (out / "report.md").write_text(report_markdown(summary, figure_dir=""))
-    if not quick and not variants and not missing:  # only the whole set stands as the published reproduction
-        publish(summary, out, figures, Path(docs) if docs else DOCS)
+    if publish and not quick and not variants and not missing:  # only the whole set stands as the reproduction
+        publish_report(summary, out, figures, Path(docs) if docs else DOCS)
+    elif publish:
+        log.warning("not published: --publish takes the full set of runs (no --quick, no --variants, none missing)")
     log.info("ablation report: %s", out / "report.md")
     print(f"report: {out / 'report.md'}")
     return summary
 
 
-def publish(summary: dict, out: Path, figures: list[str], docs: Path) -> None:
+def publish_report(summary: dict, out: Path, figures: list[str], docs: Path) -> None:
     """The report as docs/reproduction.md with its figures in docs/reproduction/, and the
     README's ablation summary between its markers."""
     fig_dir = docs.with_suffix("")
@@ -871,10 +885,10 @@ def missing_runs(out: str | Path = "runs/ablations", reuse: Sequence[str | Path]
                  seeds: int | None = None) -> list[tuple[str, int]]:
     """(variant, seed) pairs of the full run with no finished run to reuse yet."""
     mode = demo.MODES["full"] if seeds is None else replace(demo.MODES["full"], seeds=tuple(range(seeds)))
-    cache_dir = Path(".cache/holiclip")
+    cache_dir = demo.text_features_dir()
     missing = []
     for n in DEFAULT_DATA + TWO_STYLE:
-        data = cache_dir / ("emoji-twostyle" if n in TWO_STYLE else "emoji-default")
+        data = cache_root() / ("emoji-twostyle" if n in TWO_STYLE else "emoji-default")
         for s in variant_seeds(mode, n, seeds):
             run_dir = Path(out) / n / f"seed{s}"
             cfg = demo.variant_config(mode, n, data, run_dir, s, cache_dir)

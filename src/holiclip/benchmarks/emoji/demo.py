@@ -1,7 +1,7 @@
 """The side-by-side run behind ``make demo``: CLIP vs O2M vs Holistic CLIP on the built-in
 emoji benchmark, same images, steps and batch size for every variant.
 
-Variants are training configurations, one YAML file each in ``configs/demo/`` (the paper's
+Variants are training configurations, one YAML file each among the shipped configs, ``demo/<name>`` (the paper's
 section 5 comparison); a mode (quick / default / full) sets their schedule and seeds:
   clip             H = 1, trained on the web caption only
   o2m              H = 1, all text slots (one-to-many)
@@ -28,9 +28,11 @@ import torch
 import yaml
 
 from holiclip.evaluation.report import write_json
+from holiclip.io import cache_root
 from holiclip.models.registry import load_model
 from holiclip.training.checkpoint import RunFolderError
 from holiclip.training.config import TrainConfig, load_config, with_defaults
+from holiclip.training.presets import CONFIG_DIR
 from holiclip.training.trainer import read_metrics, train
 
 from .data import build as emoji
@@ -42,9 +44,8 @@ log = logging.getLogger(__name__)
 SLOTS = ["web", "detail", "nouns", "background", "main"]
 
 
-# The variants' YAML files live in the source tree (a checkout or `pip install -e .`):
-# src/holiclip/benchmarks/emoji/demo.py -> <checkout>/configs/demo (the demo's) and configs/ablations
-VARIANT_DIR = Path(__file__).resolve().parents[4] / "configs" / "demo"
+# The variants' YAML files ship with the package (holiclip configs list: demo/..., ablations/...)
+VARIANT_DIR = CONFIG_DIR / "demo"
 ABLATION_DIR = VARIANT_DIR.parent / "ablations"
 VARIANTS = ("clip", "o2m", "holistic_cls", "holistic_mlp", "holistic_hybrid")
 ABLATIONS = ("texts_h2", "texts_h3", "texts_h4", "holistic_mlp_l3", "holistic_cls_diversity", "fused_o2m_h5")
@@ -168,10 +169,25 @@ def logged_train_seconds(logged: list[dict], batch_size: int) -> float | None:
     return total if logged else None
 
 
+def text_features_dir() -> Path:
+    """The text-feature caches the demo's runs share: ``run.cache_dir``'s default."""
+    return Path(TrainConfig().run.cache_dir)
+
+
+def _in_cache(path: str) -> str:
+    """A path under the cache root as ``<cache>/...``, whichever root: runs recorded when the demo's data
+    lived in the working folder's ``.cache/holiclip`` compare equal to the same data in today's root."""
+    for root in (f"{cache_root()}/", ".cache/holiclip/"):
+        if path.startswith(root):
+            return "<cache>/" + path[len(root):]
+    return path
+
+
 def _same_run(saved: dict | None, wanted: dict) -> bool:
-    """Same training, wherever the run folder was (a copied run is reused)."""
+    """Same training, wherever the run folder, the caches and the cache root were (a copied run is reused)."""
     def strip(c):
-        return {**c, "run": {k: v for k, v in c["run"].items() if k != "out"}}
+        return {**c, "run": {k: v for k, v in c["run"].items() if k not in ("out", "cache_dir")},
+                "data": {**c["data"], "train": _in_cache(str(c["data"]["train"]))}}
 
     # a key added since the saved run was trained compares as its default
     return saved is not None and strip(with_defaults(saved)) == strip(wanted)
@@ -309,9 +325,9 @@ def run_demo(mode_name: str = "default", variants: list[str] | None = None, out:
     # the paths here are placeholders
     models = sorted({variant_config(mode, n, Path("."), Path(out), 0, Path(".")).model.name for n in names})
     out = Path(out)
-    cache_dir = Path(".cache/holiclip")
+    cache_dir = text_features_dir()
     t_start = time.perf_counter()
-    data = Path(data_dir) if data_dir else cache_dir / f"emoji-{mode.preset}"
+    data = Path(data_dir) if data_dir else cache_root() / f"emoji-{mode.preset}"
     t0 = time.perf_counter()
     if data_dir:  # the user's folder: its dataset is used as it is, never rebuilt over
         emoji.use_or_build(data, emoji.preset(mode.preset))

@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from holiclip.io import cache_root
+
 # Debian paths; the first existing one wins.
 NOTO_FONT_PATHS = (
     "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
@@ -120,15 +122,16 @@ class Sources:
 
 
 def default_cache_dir() -> Path:
-    """``$HOLICLIP_EMOJI_SOURCES``, else ``.cache/emoji-sources`` in the source checkout
-    (when running from one, whatever the working directory), else under the working directory."""
+    """``$HOLICLIP_EMOJI_SOURCES``, else ``emoji-sources`` in holiclip's cache root
+    (:func:`holiclip.io.cache_root`), where ``make emoji-sources`` installs them; a checkout's
+    ``.cache/emoji-sources``, where earlier versions installed them, is still read when only it exists."""
     env = os.environ.get("HOLICLIP_EMOJI_SOURCES")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[5]  # src/holiclip/benchmarks/emoji/data/sources.py -> repo
-    if (repo / "pyproject.toml").is_file() and (repo / "src" / "holiclip").is_dir():
-        return repo / ".cache" / "emoji-sources"
-    return Path.cwd() / ".cache" / "emoji-sources"
+    cached = cache_root() / "emoji-sources"
+    repo = Path(__file__).resolve().parents[5]  # src/holiclip/benchmarks/emoji/data/sources.py -> checkout
+    legacy = repo / ".cache" / "emoji-sources"
+    return legacy if not cached.exists() and (repo / "pyproject.toml").is_file() and legacy.is_dir() else cached
 
 
 def _first(paths) -> Path | None:
