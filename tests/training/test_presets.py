@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from holiclip.training.config import ConfigError, load_config
-from holiclip.training.presets import CONFIG_DIR, describe, find_config, shipped_configs
+from holiclip.training.config import ConfigError, find_config, load_config
+from holiclip.training.presets import CONFIG_DIR, describe, shipped_configs
 
 CHECKOUT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

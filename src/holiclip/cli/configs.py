@@ -23,8 +23,8 @@ def list_cmd() -> None:
 @app.command("show")
 def show(name: str = typer.Argument(..., help="A name from holiclip configs list.")) -> None:
     """Prints a shipped config (copy it to edit: holiclip configs show NAME > my.yaml)."""
-    from ..training.config import ConfigError
-    from ..training.presets import find_config, shipped_configs
+    from ..training.config import ConfigError, find_config
+    from ..training.presets import shipped_configs
 
     path = shipped_configs().get(name.removesuffix(".yaml"))
     try:

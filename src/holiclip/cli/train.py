@@ -1,7 +1,6 @@
 """`holiclip train NAME|CONFIG.yaml [section.key=value ...] [--resume latest [--allow-world-size-change] | --overwrite]`."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 import typer

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_path
-from ..models.registry import config_summary, save_model, stored_model_config
+from ..models import config_summary
+from ..models.registry import save_model, stored_model_config
 from ..models.sources import EVAL_FILE, HF_HUB_PREFIX, parse_hub_id
 
 CARD_FILE = "README.md"

@@ -11,14 +11,14 @@ import copy
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import open_clip
 import torch
 
 from .._extras import require
 from ..io import package_path, read_json
-from . import config_summary, sources  # noqa: F401  (config_summary: defined torch-free; integrations.hub reads it here)
+from . import sources
 from .holistic import HolisticCLIP
 
 CONFIG_DIR = Path(__file__).parent / "configs"

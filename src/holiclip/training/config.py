@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..io import cache_root
+from .presets import names_hint, shipped_path
 
 
 
@@ -258,13 +259,20 @@ def from_dict(data: dict, origin: str = "<dict>") -> TrainConfig:
     return _finish(cfg, origins)
 
 
+def find_config(name_or_path: str | Path) -> Path:
+    """A YAML file that exists, else a shipped config by name (training/presets.py)."""
+    path = shipped_path(name_or_path)
+    if path is None:
+        raise ConfigError(f"{name_or_path}: no such config file, and no shipped config of that name; "
+                          f"shipped: {names_hint()}")
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML file or shipped config name (optional), then ``section.key=value`` overrides, checked
     against the dataclasses above."""
     cfg, origins = OmegaConf.structured(TrainConfig), {}
     if path:
-        from .presets import find_config  # (it imports this module)
-
         path = find_config(path)
         try:
             data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)

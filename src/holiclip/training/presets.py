@@ -3,13 +3,11 @@
 They are the YAML files under ``configs/`` beside this module (in a checkout, the top-level
 ``configs/`` folder is a link to it): the baselines by file name (``clip``, ``o2m``,
 ``holistic_cls``, ...), the demo's variants as ``demo/<name>`` and the ablations' as
-``ablations/<name>``. Torch-free, like :mod:`holiclip.training.config`.
+``ablations/<name>``. Torch-free; :func:`holiclip.training.config.find_config` turns a miss into a ConfigError.
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-from .config import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -31,19 +29,16 @@ def describe(path: Path) -> str:
     return ""
 
 
-def find_config(name_or_path: str | Path) -> Path:
-    """A YAML file that exists, else a shipped config by name (``holistic_cls`` or ``holistic_cls.yaml``)."""
+def shipped_path(name_or_path: str | Path) -> Path | None:
+    """A YAML file that exists, else the shipped config of that name (``holistic_cls`` or
+    ``holistic_cls.yaml``, ``configs/demo/clip.yaml`` from another folder), else None."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = shipped_configs()
     name = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
     if name.startswith("configs/"):  # a checkout's path, asked from another folder
         name = name[len("configs/"):]
-    if name in shipped:
-        return shipped[name]
-    raise ConfigError(f"{name_or_path}: no such config file, and no shipped config of that name; "
-                      f"shipped: {names_hint()}")
+    return shipped_configs().get(name)
 
 
 def names_hint() -> str:
