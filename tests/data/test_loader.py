@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -17,8 +18,8 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from holiclip.data.loader import (
-    Collate, ImageTooLarge, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, open_image,
-    token_lengths,
+    Collate, ImageTooLarge, MultiTextDataset, Normalize, ResumableBatchSampler, check_bad_fraction, load_manifest,
+    open_image, split_normalize, tensor_transform, token_lengths,
 )
 from holiclip.data.records import DataError
 from holiclip.models.registry import create_model, get_tokenizer, get_transforms
@@ -190,6 +191,84 @@ def test_loader_batches_have_no_duplicates_and_equal_rank_sizes(tmp_path):
                 merged = [i for b in step for i in b]
                 assert len(set(merged)) == len(merged)  # no sample twice in the global batch
                 assert not any(i % 3 == 0 for i in merged)  # only readable images
+
+
+# -- images: uint8 out of the loader, normalised on the device -------------------------------------
+def _photo(rng, h: int, w: int) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+def test_uint8_transform_then_normalize_equals_open_clips_transform(is_train):
+    rng = np.random.default_rng(0)
+    full = open_clip.image_transform(64, is_train=is_train)
+    head, normalize = split_normalize(full)
+    for k, (h, w) in enumerate([(64, 64), (80, 96), (100, 70), (256, 256)]):
+        im = _photo(rng, h, w)
+        torch.manual_seed(k)
+        want = full(im)
+        torch.manual_seed(k)  # the same crop drawn
+        got = head(im)
+        assert got.dtype == torch.uint8 and got.shape == want.shape
+        torch.testing.assert_close(normalize(got), want, rtol=0, atol=1e-6)
+    assert normalize.mean == tuple(open_clip.OPENAI_DATASET_MEAN) and normalize.std == tuple(open_clip.OPENAI_DATASET_STD)
+    custom = lambda im: im  # noqa: E731  (not open_clip's Compose: left as it is, nothing to normalise)
+    assert split_normalize(custom) == (custom, None)
+
+
+def test_loader_batches_are_uint8_and_normalise_to_the_old_float_batch(tmp_path):
+    path = make_dataset(tmp_path, n=8)
+    m = load_manifest(path, ["web", "main"])
+    model = create_model("holi-tiny", branches=["web", "main"])
+    full = get_transforms(model, is_train=True)
+    head, normalize = split_normalize(full)
+    collate = Collate(get_tokenizer("holi-tiny"), 32)
+    sampler = ResumableBatchSampler(8, 4, seed=1)
+    new = list(DataLoader(MultiTextDataset(m, head, seed=1), batch_sampler=sampler, collate_fn=collate, num_workers=2))
+    old = list(DataLoader(MultiTextDataset(m, full, seed=1), batch_sampler=sampler, collate_fn=collate))
+    assert len(new) == len(old) == 2
+    for a, b in zip(new, old):
+        assert a["images"].dtype == torch.uint8 and b["images"].dtype == torch.float32
+        torch.testing.assert_close(normalize(a["images"]), b["images"], rtol=0, atol=1e-6)
+        assert torch.equal(a["texts"], b["texts"]) and torch.equal(a["index"], b["index"])
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_cached_images_normalise_later_as_before(augment):
+    """The cached path (uint8 images at the model's size): unnormalised out of the transform, then
+    Normalize gives what the transform normalising itself gives."""
+    rng = np.random.default_rng(1)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8))
+    before = tensor_transform(32, augment=augment)
+    later = tensor_transform(32, augment=augment, normalize=False)
+    torch.manual_seed(3)
+    want = before(image.float() / 255.0)  # what the cached path handed the transform before
+    torch.manual_seed(3)
+    got = later(image)
+    assert got.dtype == (torch.float32 if augment else torch.uint8)  # a crop is computed in float
+    torch.testing.assert_close(Normalize()(got), want, rtol=0, atol=1e-6)
+
+
+def test_persistent_workers_crop_for_the_sampler_epoch(tmp_path):
+    """Workers kept over epochs keep the dataset's epoch from their start; the batch's indices carry
+    the sampler's, so each epoch's crops are the ones a fresh loader (or no worker) gives."""
+    path = make_dataset(tmp_path, n=8)
+    m = load_manifest(path, ["web"])
+    ds = MultiTextDataset(m, split_normalize(get_transforms(create_model("holi-tiny", branches=["web"]), True))[0],
+                          seed=2)
+    collate = Collate(get_tokenizer("holi-tiny"), 32)
+    sampler = ResumableBatchSampler(8, 4, seed=2)
+    kept = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=1, persistent_workers=True)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch, start_batch=1 if epoch == 2 else 0)  # epoch 2: a resume past its first batch
+        ds.set_epoch(epoch)
+        got = [b["images"] for b in kept]
+        ref = [b["images"] for b in DataLoader(ds, batch_sampler=sampler, collate_fn=collate)]
+        assert len(got) == len(ref) == (1 if epoch == 2 else 2)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+        epochs.append(got[-1])
+    assert not torch.equal(epochs[0], epochs[1])  # new crops each epoch
 
 
 # -- tokenisation and sampling ---------------------------------------------------------------------

@@ -64,6 +64,7 @@ def test_pretokenised_shards_give_the_batches_tokenising_gives_and_tokenise_noth
     expected = _batches(plain, tokenizer)
     calls = []
     monkeypatch.setattr(SimpleTokenizer, "__call__", lambda self, *a, **k: calls.append(1))
+    monkeypatch.setattr(SimpleTokenizer, "encode", lambda self, *a, **k: calls.append(1))  # tokenize's one pass
     monkeypatch.setattr(loader_mod, "token_lengths", lambda *a: calls.append(1))
     got = _batches(tokens, tokenizer)
     assert not calls  # nothing tokenised

@@ -186,10 +186,31 @@ def test_no_augmentation_cached_and_uncached_resize_as_evaluation(tmp_path):
     evaluation = get_transforms(plain.model, is_train=False)  # open_clip's: resize shortest side + centre crop
     row = json.loads(data.read_text().splitlines()[2])
     want = evaluation(open_image(data.parent / row["image"]))
-    torch.testing.assert_close(plain.dataset[2]["image"], want, rtol=0, atol=1e-6)
-    torch.testing.assert_close(cached.dataset[2]["image"], want, rtol=0, atol=1e-5)
+    # the loader's uint8 images, normalised as the model gets them (the trainer's _images, on the device)
+    assert plain.dataset[2]["image"].dtype == cached.dataset[2]["image"].dtype == torch.uint8
+    torch.testing.assert_close(plain._images(plain.dataset[2]["image"][None])[0], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached._images(cached.dataset[2]["image"][None])[0], want, rtol=0, atol=1e-5)
     plain.dataset.set_epoch(3)
-    torch.testing.assert_close(plain.dataset[2]["image"], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain._images(plain.dataset[2]["image"][None])[0], want, rtol=0, atol=1e-6)
+
+
+def test_the_model_gets_the_old_normalised_images_under_accumulation(tmp_path):
+    """uint8 batches from the loader; every forward (both passes of accumulation) gets what open_clip's
+    float transform gave, normalised on the device."""
+    data = _wide_dataset(tmp_path)
+    t = _trainer(tmp_path, data, "data.augment=false", "optim.accum_steps=2", "optim.batch_size=4")
+    seen, net = [], t.net
+    t.net = lambda **kw: seen.append(kw["images"]) or net(**kw)
+    batches = [t.collate(t.dataset.__getitems__(list(range(j, j + 4)))) for j in (0, 4)]
+    assert all(b["images"].dtype == torch.uint8 for b in batches)
+    t._backward(batches)
+    evaluation = get_transforms(t.model, is_train=False)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    want = [torch.stack([evaluation(open_image(data.parent / rows[i]["image"])) for i in range(j, j + 4)]) for j in (0, 4)]
+    assert len(seen) == 4  # k forwards without gradients, then k with
+    for k, images in enumerate(seen):
+        assert images.dtype == torch.float32
+        torch.testing.assert_close(images, want[k % 2], rtol=0, atol=1e-6)
 
 
 def test_loss_runs_in_fp32_outside_autocast(tmp_path):

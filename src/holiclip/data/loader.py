@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from .manifest import LoadedManifest, load_manifest  # noqa: F401  (imported from here by callers)
 from .records import DataError
-from .tokens import stack_tokens, token_lengths
+from .tokens import stack_tokens, token_lengths, tokenize  # noqa: F401  (token_lengths: imported from here by callers)
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,16 @@ def _full_scale(mode: str, a: np.ndarray) -> float:
 
 
 class MultiTextDataset(Dataset):
-    """Item i -> {"image": (3, S, S) float tensor, "texts": [M strings], "index": i, "bad": [...]}.
+    """Item i -> {"image": the transform's (3, S, S) tensor, "texts": [M strings], "index": i, "bad": [...]}.
 
     ``cache_images`` decodes every image once into a uint8 tensor (small images, e.g. the
     built-in benchmark), resized and centre-cropped as evaluation does, so an epoch costs no
-    decoding at all; ``transform`` then gets a float tensor in [0, 1] (see :func:`tensor_transform`).
+    decoding at all; ``transform`` then gets that (3, S, S) uint8 tensor (see :func:`tensor_transform`).
 
     Random augmentation draws from a generator seeded by (seed, epoch, sample), so a sample's
-    crop does not depend on worker count, batch order or a resume.
+    crop does not depend on worker count, batch order or a resume. The epoch is the one the
+    batch's indices carry (:class:`BatchIndices`), else :meth:`set_epoch`'s, so persistent
+    DataLoader workers, whose copy of the dataset keeps the epoch they started in, crop right.
 
     Images over ``max_pixels`` are unreadable ones (:func:`open_image`); an unreadable image is
     replaced as :meth:`__getitems__` describes.
@@ -160,15 +162,15 @@ class MultiTextDataset(Dataset):
         self.cache_bad = bad
         return torch.stack([a if a is not None else torch.zeros(shape, dtype=torch.uint8) for a in arrays])
 
-    def _load(self, i: int) -> torch.Tensor:
+    def _load(self, i: int, epoch: int) -> torch.Tensor:
         if self.cache is not None:
             if i in self.cache_bad:
                 raise OSError(self.cache_bad[i])
-            image = self.cache[i].permute(2, 0, 1).float().div_(255.0)
+            image = self.cache[i].permute(2, 0, 1)
         else:
             image = open_image(self.manifest.images[i], self.max_pixels)
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left untouched
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
             return self.transform(image)
 
     def _bad_message(self, i: int, err: Exception) -> str:
@@ -192,13 +194,14 @@ class MultiTextDataset(Dataset):
         """
         global_batch = list(getattr(indices, "global_batch", indices))
         rank, world = getattr(indices, "rank", 0), getattr(indices, "world_size", 1)
+        epoch = self.epoch if getattr(indices, "epoch", None) is None else indices.epoch
         taken, known_bad = set(global_batch), set()
         out = []
         for index in indices:
             i, bad, rng = index, [], None
             while True:
                 try:
-                    image = self._load(i)
+                    image = self._load(i, epoch)
                     break
                 except UNREADABLE as err:
                     bad.append(self._bad_message(i, err))
@@ -207,7 +210,7 @@ class MultiTextDataset(Dataset):
                     raise DataError(f"{len(bad)} unreadable images in a row replacing {self.manifest.where[index]}; "
                                     f"first: {bad[:3]}")
                 if rng is None:
-                    rng = np.random.default_rng([self.seed % 2**63, self.epoch, index, *global_batch])
+                    rng = np.random.default_rng([self.seed % 2**63, epoch, index, *global_batch])
                 i = self._substitute(rng, taken, known_bad, rank, world)
                 if i is None:
                     raise DataError(f"no readable image left to replace {self.manifest.where[index]}: {bad[:3]}")
@@ -236,32 +239,93 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return TF.center_crop(TF.resize(image, size, interpolation=InterpolationMode.BICUBIC), size)
 
 
+class Normalize:
+    """The image transform's last steps, to float and normalise, on a batch wherever it lies (the
+    GPU, after a copy of uint8 images 4x smaller than float ones): uint8 (0-255) or float in [0, 1]
+    -> ``(x - mean) / std`` in float32, the same arithmetic as torchvision's ``ToTensor`` + ``Normalize``.
+    By default open_clip's (OpenAI's) mean and std."""
+
+    def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        self.mean = tuple(float(m) for m in (OPENAI_DATASET_MEAN if mean is None else mean))
+        self.std = tuple(float(s) for s in (OPENAI_DATASET_STD if std is None else std))
+        self._stats: dict = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._stats:
+            self._stats[device] = tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (self.mean, self.std))
+        return self._stats[device]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        mean, std = self._on(x.device)
+        return (x - mean) / std
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+class ToUint8:
+    """A PIL image -> its (C, H, W) uint8 tensor, what ``ToTensor`` gives times 255 (tensors pass
+    through, as open_clip's ``MaybeToTensor``)."""
+
+    def __call__(self, pic):
+        from torchvision.transforms import functional as TF
+
+        if isinstance(pic, torch.Tensor):
+            return pic
+        if isinstance(pic, Image.Image):
+            return TF.pil_to_tensor(pic if pic.mode == "RGB" else pic.convert("RGB"))
+        return TF.to_tensor(pic)
+
+    def __repr__(self) -> str:
+        return "ToUint8()"
+
+
+def split_normalize(transform: Callable) -> tuple[Callable, Normalize | None]:
+    """open_clip's image transform (a torchvision ``Compose`` ending in ``ToTensor``, ``Normalize``)
+    -> (the same steps ending in a uint8 tensor, the :class:`Normalize` to run on the batch). Any
+    other transform: (itself, None), its output going to the model as it is."""
+    from open_clip.transform import MaybeToTensor
+    from torchvision.transforms import Compose, ToTensor
+    from torchvision.transforms import Normalize as TVNormalize
+
+    steps = getattr(transform, "transforms", None)
+    if not (isinstance(transform, Compose) and len(steps) >= 2 and type(steps[-2]) in (ToTensor, MaybeToTensor)
+            and type(steps[-1]) is TVNormalize and not steps[-1].inplace):
+        return transform, None
+    return Compose([*steps[:-2], ToUint8()]), Normalize(steps[-1].mean, steps[-1].std)
+
+
 def tensor_transform(image_size: int | tuple[int, int], mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None, augment: bool = False,
-                     scale: tuple[float, float] = (0.9, 1.0)) -> Callable:
-    """For float images (C, H, W) in [0, 1] already at the model's resolution (cached training
-    images, evaluation inputs): open_clip's training crop (RandomResizedCrop, ``scale``, bicubic)
-    when ``augment``, then normalisation, by default with open_clip's (OpenAI's) mean and std."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+                     scale: tuple[float, float] = (0.9, 1.0), normalize: bool = True) -> Callable:
+    """For images (C, H, W) already at the model's resolution, float in [0, 1] or uint8 (cached
+    training images, evaluation inputs): open_clip's training crop (RandomResizedCrop, ``scale``,
+    bicubic, on floats) when ``augment``, then normalisation (:class:`Normalize`), by default with
+    open_clip's (OpenAI's) mean and std. ``normalize=False`` leaves that to the batch on the device:
+    the image comes back unnormalised (uint8 as it came unless cropped)."""
     from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    mean_t = torch.tensor(OPENAI_DATASET_MEAN if mean is None else mean).view(3, 1, 1)
-    std_t = torch.tensor(OPENAI_DATASET_STD if std is None else std).view(3, 1, 1)
+    norm = Normalize(mean, std)
     crop = RandomResizedCrop((h, w), scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         if augment:
+            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
             x = crop(x).clamp_(0.0, 1.0)  # bicubic overshoots; PIL's clips to [0, 255]
         elif tuple(x.shape[-2:]) != (h, w):
             raise ValueError(f"image is {tuple(x.shape[-2:])}, expected the model's {h}x{w}")
-        return (x - mean_t) / std_t
+        return norm(x) if normalize else x
 
     return apply
 
 
 class Collate:
-    """Stacks images; tokenises texts to (B, M, L) and counts truncation, or, with a
+    """Stacks images (as the transform gives them: uint8 from :func:`split_normalize`, normalised on
+    the device); tokenises texts to (B, M, L) and counts truncation (one encode per text), or, with a
     ``text_cache`` (:class:`holiclip.training.text_cache.TextCache`), gathers their frozen trunk
     features (B, M, W) from its files (in the DataLoader worker, off the training loop)."""
 
@@ -274,7 +338,8 @@ class Collate:
         batch_size, num_slots = len(items), len(items[0]["texts"])
         flat = [t for it in items for t in it["texts"]]
         out = {
-            "images": torch.stack([it["image"] for it in items]),
+            # default_collate stacks straight into shared memory in a worker: no copy on the way out
+            "images": default_collate([it["image"] for it in items]),
             "index": torch.tensor([it["index"] for it in items]),
             "bad": [b for it in items for b in it["bad"]],
             "num_texts": len(flat),
@@ -285,9 +350,9 @@ class Collate:
         elif (stored := stack_tokens(items, self.tokenizer, self.context_length)) is not None:
             out["texts"], out["truncated"] = stored  # pre-tokenised shards: nothing tokenised here
         else:
-            tokens = self.tokenizer(flat)
+            tokens, lengths = tokenize(self.tokenizer, flat)
             out["texts"] = tokens.view(batch_size, num_slots, -1)
-            out["truncated"] = sum(n > self.context_length for n in token_lengths(self.tokenizer, flat))
+            out["truncated"] = sum(n > self.context_length for n in lengths)
         return out
 
 
@@ -429,18 +494,21 @@ class ResumableBatchSampler(SplitEpochs, Sampler):
             first = split.first + b * world  # the global batch's first rank-batch
             mine = first + self.rank
             yield BatchIndices(perm[mine * bs: (mine + 1) * bs], perm[first * bs: (first + world) * bs], self.rank,
-                               world)
+                               world, self.epoch)
 
 
 class BatchIndices(list):
     """One rank's batch indices, plus the global batch they belong to, so that the dataset can
     pick substitutes for unreadable images outside every rank's batch (see
-    :meth:`MultiTextDataset.__getitems__`). Compares and pickles as a plain list would."""
+    :meth:`MultiTextDataset.__getitems__`), and the epoch they are drawn for (the sampler runs in
+    the training process; a persistent worker's dataset does not follow ``set_epoch``). Compares
+    and pickles as a plain list would."""
 
-    def __init__(self, indices: Sequence[int], global_batch: Sequence[int], rank: int = 0, world_size: int = 1):
+    def __init__(self, indices: Sequence[int], global_batch: Sequence[int], rank: int = 0, world_size: int = 1,
+                 epoch: int | None = None):
         super().__init__(indices)
         self.global_batch = list(global_batch)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.epoch = rank, world_size, epoch
 
 
 def check_bad_fraction(bad: int, seen: int, max_fraction: float, examples: Sequence[str]) -> None:

@@ -70,6 +70,39 @@ def _shown(identity: dict) -> str:
     return f"{identity.get('name', '?')}, digest {str(identity.get('digest', '?'))[:12]}"
 
 
+def _plain_clip_bpe(tokenizer) -> bool:
+    """open_clip's SimpleTokenizer (or a subclass keeping its ``__call__``) without a reduction mask."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return (isinstance(tokenizer, SimpleTokenizer) and type(tokenizer).__call__ is SimpleTokenizer.__call__
+            and getattr(tokenizer, "reduction_fn", None) is None)
+
+
+def tokenize(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+    """``(tokenizer(texts), lengths)``: the (N, context) ids the tokenizer gives, and the tokens each
+    text needs including start / end tokens, before truncation (over the context: truncated).
+
+    For open_clip's CLIP BPE both come from one ``encode`` per text, with the rules of its
+    ``__call__`` (start token, the ids, end token; cut to the context with the end token kept last;
+    zero padding); other tokenizers are called as they are and counted by :func:`token_lengths`."""
+    texts = list(texts)
+    if not _plain_clip_bpe(tokenizer):
+        return tokenizer(texts), token_lengths(tokenizer, texts)
+    import torch
+
+    ctx, sot, eot = tokenizer.context_length, tokenizer.sot_token_id, tokenizer.eot_token_id
+    ids = np.zeros((len(texts), ctx), dtype=np.int64)
+    lengths = []
+    for i, text in enumerate(texts):
+        tokens = [sot, *tokenizer.encode(text), eot]
+        lengths.append(len(tokens))
+        if len(tokens) > ctx:  # as SimpleTokenizer.__call__: cut, the end token kept last
+            tokens = tokens[:ctx]
+            tokens[-1] = eot
+        ids[i, : len(tokens)] = tokens
+    return torch.from_numpy(ids), lengths
+
+
 def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
     """Tokens each text needs including start/end tokens, before any truncation."""
     if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # open_clip SimpleTokenizer
@@ -87,12 +120,13 @@ def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
 def token_members(tokenizer, captions: dict[str, str]) -> tuple[bytes, dict]:
     """(``tokens.npy`` bytes, the json's ``tokens`` field) for a sample's captions."""
     slots, texts = list(captions), list(captions.values())
-    ids = tokenizer(texts).numpy()
+    ids, lengths = tokenize(tokenizer, texts)
+    ids = ids.numpy()
     dtype = np.uint16 if ids.max(initial=0) < 2**16 else np.uint32
     buf = io.BytesIO()
     np.save(buf, ids.astype(dtype), allow_pickle=False)
     return buf.getvalue(), {"tokenizer": tokenizer_identity(tokenizer), "slots": slots,
-                            "lengths": [int(n) for n in token_lengths(tokenizer, texts)]}
+                            "lengths": [int(n) for n in lengths]}
 
 
 # -- reading ------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.loader import (
-    Collate, MultiTextDataset, ResumableBatchSampler, check_bad_fraction, load_manifest, tensor_transform,
+    Collate, MultiTextDataset, Normalize, ResumableBatchSampler, check_bad_fraction, load_manifest, split_normalize,
+    tensor_transform,
 )
 from ..data.records import DataError
 from ..data.shards import ShardStream, shard_sizes, shard_urls
@@ -109,10 +110,11 @@ class Trainer:
             self.manifest.report()
         size = self.model.image_size[0] if isinstance(self.model.image_size, tuple) else self.model.image_size
         # open_clip's training transform (RandomResizedCrop, scale 0.9-1.0) as the research code, unless
-        # data.augment=false; the cached path crops the same way from evaluation-resized images
-        transform = (
-            tensor_transform(size, augment=cfg.data.augment)
-            if cfg.data.cache_images else get_transforms(self.model, is_train=cfg.data.augment)
+        # data.augment=false; the cached path crops the same way from evaluation-resized images. The
+        # loader stops at uint8 images; self.normalize (float, mean / std) runs on the device in _forward
+        transform, self.normalize = (
+            (tensor_transform(size, augment=cfg.data.augment, normalize=False), Normalize())
+            if cfg.data.cache_images else split_normalize(get_transforms(self.model, is_train=cfg.data.augment))
         )
         self.dataset = self._shard_stream(transform) if self.shards else MultiTextDataset(
             self.manifest, transform, cache_images=cfg.data.cache_images, image_size=size, seed=cfg.run.seed,
@@ -219,6 +221,7 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------
     def _batches(self):
         pin = self.device.startswith("cuda")  # page-locked: the copies to the GPU run asynchronously
+        loader = None
         while True:
             if self.shards:  # each stream skips the samples of the batches consumed, undecoded
                 self.dataset.set_epoch(self.epoch, self.batch_in_epoch)
@@ -226,10 +229,11 @@ class Trainer:
             else:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 self.dataset.set_epoch(self.epoch)
-                loader = DataLoader(
-                    self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
-                    num_workers=self.cfg.data.workers, persistent_workers=False, pin_memory=pin,
-                )
+                if loader is None:  # workers kept over epochs: the sampler, run here, hands each batch its epoch
+                    loader = DataLoader(
+                        self.dataset, batch_sampler=self.sampler, collate_fn=self.collate, pin_memory=pin,
+                        num_workers=self.cfg.data.workers, persistent_workers=self.cfg.data.workers > 0,
+                    )
             for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch
@@ -254,9 +258,14 @@ class Trainer:
     def _forward_loss(self, batch) -> dict:
         return self._loss(self._forward(batch))
 
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """The loader's (uint8) images on the device, as the model takes them (float, normalised)."""
+        images = images.to(self.device, non_blocking=True)
+        return images if self.normalize is None else self.normalize(images)
+
     def _forward(self, batch) -> dict:
         """The model outputs the loss takes: per-sample features and the shared logit scale."""
-        images = batch["images"].to(self.device, non_blocking=True)
+        images = self._images(batch["images"])
         with self.autocast:
             if "text_trunk_features" in batch:  # a frozen trunk's cached outputs (see Collate)
                 trunk = batch["text_trunk_features"].to(self.device, non_blocking=True)
