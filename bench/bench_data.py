@@ -4,16 +4,21 @@ webdataset pipeline on the same synthetic shards, and peak memory while streamin
     .venv/bin/python bench/bench_data.py            # 4k samples for the rate; RSS at 100k and 1M samples
     .venv/bin/python bench/bench_data.py --quick    # 1k samples; RSS at 20k and 200k
     .venv/bin/python bench/bench_data.py --samples 8000 --rss-sizes 100000,1000000 --workers 2
+    .venv/bin/python bench/bench_data.py --workers 1,2 --baseline-src ../main --rss-sizes ""  # before / after
 
 Throughput: both loaders decode the JPEG, apply the same training transform (open_clip's
-``image_transform(224, is_train=True)``: RandomResizedCrop, normalise) and tokenise with the same
-tokenizer, in ``--workers`` DataLoader workers with batches of ``--batch``, over one epoch of the
-same shards (jpg + txt + json with 5 named captions, ``--image-px`` square images). open_clip's
-pipeline is ``open_clip_train.data.get_wds_dataset`` (built from an argparse namespace as its
-trainer does) with the webdataset it requires (0.2.86, put on that process's path only: with
-webdataset 1.x it fails); it reads the txt caption. holiclip is measured with one slot (the txt
-caption: the same work) and with five slots (five texts tokenised per image). Each loader runs in a fresh
-process, alternating, ``--repeats`` times; the best rate counts (the machine may be shared).
+``image_transform(224, is_train=True)``: RandomResizedCrop, to tensor, normalise) and tokenise with
+the same tokenizer, in ``--workers`` DataLoader workers (a list: one row each) with batches of
+``--batch``, over one epoch of the same shards (jpg + txt + json with 5 named captions,
+``--image-px`` square images). open_clip's pipeline is ``open_clip_train.data.get_wds_dataset``
+(built from an argparse namespace as its trainer does) with the webdataset it requires (0.2.86, put
+on that process's path only: with webdataset 1.x it fails); it reads the txt caption and gives
+normalised float batches. holiclip is measured with one slot (the txt caption: the same work) and
+with five slots (five texts tokenised per image), giving what its trainer takes: uint8 batches,
+normalised on the device (``split_normalize``), and with ``--baseline-src`` (another checkout of the
+project, e.g. the main branch) that checkout's holiclip too, with what its trainer took then. Each
+loader runs in a fresh process, alternating, ``--repeats`` times; the best rate counts (the machine
+may be shared: the spread is printed). Samples/s per worker = images/s / workers.
 
 Memory: ShardStream (2 workers, shuffle buffer 5000, sizes.json present) streams every sample of
 ``--rss-sizes`` small samples (16 px images, texts collated by a stub tokenizer) in a fresh
@@ -24,6 +29,7 @@ shuffle buffer, not the data set.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -76,20 +82,38 @@ def write_shards(root: Path, samples: int, shard_size: int, px: int) -> str:
 
 
 # -- one measurement, in its own process -----------------------------------------------------------------
+def _workers_cpu() -> float:
+    """CPU seconds of this process's finished children: the DataLoader workers, once the epoch is over
+    (a cost per sample that a busy machine distorts far less than the wall-clock rate)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _batch_kind(images) -> str:
+    """dtype and MiB per 256 images of a batch's image tensor (what goes through shared memory,
+    pinning and the copy to the GPU)."""
+    per_image = images.element_size() * images[0].numel()
+    return f"{str(images.dtype).removeprefix('torch.')}, {per_image * 256 / 2**20:.0f}"
+
+
 def run_holiclip(pattern: str, slots: int, batch: int, workers: int, image_size: int, shuffle: int) -> dict:
     import open_clip
 
-    from holiclip.data.loader import Collate
+    from holiclip.data import loader
     from holiclip.data.shards import ShardStream
 
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     transform = open_clip.image_transform(image_size, is_train=True)
+    if hasattr(loader, "split_normalize"):  # as the trainer: uint8 out, normalised on the device
+        transform = loader.split_normalize(transform)[0]
     stream = ShardStream(pattern, SLOTS[:slots], batch, transform, shuffle_buffer=shuffle, workers=workers)
-    t0, images, batches = time.perf_counter(), 0, 0
-    for b in stream.loader(Collate(tokenizer, 77), workers):
+    t0, images, batches, kind = time.perf_counter(), 0, 0, ""
+    for b in stream.loader(loader.Collate(tokenizer, 77), workers):
         images += len(b["index"])
         batches += 1
-    return {"images": images, "seconds": time.perf_counter() - t0, "batches": batches}
+        kind = kind or _batch_kind(b["images"])
+    return {"images": images, "seconds": time.perf_counter() - t0, "batches": batches, "kind": kind,
+            "worker_cpu_s": _workers_cpu()}
 
 
 def run_open_clip(pattern: str, samples: int, batch: int, workers: int, image_size: int) -> dict:
@@ -106,11 +130,15 @@ def run_open_clip(pattern: str, samples: int, batch: int, workers: int, image_si
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     transform = open_clip.image_transform(image_size, is_train=True)
     data = get_wds_dataset(args, transform, is_train=True, epoch=0, floor=True, tokenizer=tokenizer)
-    t0, images, batches = time.perf_counter(), 0, 0
+    t0, images, batches, kind = time.perf_counter(), 0, 0, ""
     for imgs, _texts in data.dataloader:
         images += imgs.shape[0]
         batches += 1
-    return {"images": images, "seconds": time.perf_counter() - t0, "batches": batches}
+        kind = kind or _batch_kind(imgs)
+    seconds = time.perf_counter() - t0
+    del data, imgs, _texts  # its workers are persistent: released with the loader, they end (and count)
+    gc.collect()
+    return {"images": images, "seconds": seconds, "batches": batches, "kind": kind, "worker_cpu_s": _workers_cpu()}
 
 
 def run_rss(pattern: str, batch: int, workers: int) -> dict:
@@ -173,6 +201,7 @@ def baseline_site(folder: Path) -> str | None:
 
 
 def child(kind: str, site: str | None = None, **kw) -> dict:
+    """One measurement in a fresh process; ``site``: a folder put first on its path."""
     cmd = [sys.executable, __file__, "--child", json.dumps({"kind": kind, **kw})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if site:
@@ -183,6 +212,44 @@ def child(kind: str, site: str | None = None, **kw) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def throughput(args, pattern: str, site: str | None) -> None:
+    """The rate table: every loader at every worker count, alternating, best of ``--repeats``."""
+    workers = [int(w) for w in str(args.workers).split(",") if w]
+    base_src = str(Path(args.baseline_src).resolve() / "src") if args.baseline_src else None
+    if base_src and not (Path(base_src) / "holiclip").is_dir():
+        raise SystemExit(f"--baseline-src {args.baseline_src}: no src/holiclip there")
+    ours = "holiclip ShardStream"
+    theirs = f"holiclip @ {args.baseline_src} ShardStream"
+    loaders = {"open_clip_train get_wds_dataset (txt)": ("open_clip", site, {"samples": args.samples}),
+               **({f"{theirs}, 1 slot (txt)": ("holiclip", base_src, {"slots": 1, "shuffle": 5000}),
+                   f"{theirs}, 5 slots": ("holiclip", base_src, {"slots": 5, "shuffle": 5000})} if base_src else {}),
+               f"{ours}, 1 slot (txt)": ("holiclip", None, {"slots": 1, "shuffle": 5000}),
+               f"{ours}, 5 slots": ("holiclip", None, {"slots": 5, "shuffle": 5000})}
+    runs = {(name, w): [] for w in workers for name in loaders}
+    for _ in range(args.repeats):
+        for w in workers:
+            for name, (kind, path, kw) in loaders.items():
+                runs[name, w].append(child(kind, path, pattern=pattern, batch=args.batch, workers=w,
+                                           image_size=args.image_size, **kw))
+    rate = {k: sorted(r["images"] / r["seconds"] for r in v) for k, v in runs.items()}
+    cpu = {k: min(r["worker_cpu_s"] / r["images"] * 1e3 for r in v) for k, v in runs.items()}
+    base = "open_clip_train get_wds_dataset (txt)"
+    print(f"\n| loader | workers | images / epoch | batch dtype, MiB / 256 images | images/s (best of {args.repeats}; "
+          f"range) | per worker | vs open_clip | worker CPU ms / sample | vs open_clip |"
+          + (" per worker vs baseline src | CPU / sample vs baseline src |" if base_src else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if base_src else ""))
+    for (name, w), v in runs.items():
+        best = rate[name, w][-1]
+        row = (f"| {name} | {w} | {v[0]['images']} | {v[0]['kind']} | {best:.0f} ({rate[name, w][0]:.0f}-{best:.0f}) | "
+               f"{best / w:.0f} | {best / rate[base, w][-1]:.2f}x | {cpu[name, w]:.2f} | "
+               f"{cpu[base, w] / cpu[name, w]:.2f}x |")
+        if base_src:
+            then = (name.replace(ours, theirs), w) if name.startswith(ours) else None
+            row += f" {best / rate[then][-1]:.2f}x | {cpu[then] / cpu[name, w]:.2f}x |" if then else " | |"
+        print(row, flush=True)
+    print("(vs columns: rates as a ratio, > 1 is faster; CPU per sample as the inverse ratio, > 1 is cheaper)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=4000, help="samples in the throughput shards")
@@ -190,7 +257,7 @@ def main() -> None:
     ap.add_argument("--image-px", type=int, default=256, help="side of the throughput JPEGs")
     ap.add_argument("--image-size", type=int, default=224, help="model resolution of the transform")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="2", help="DataLoader workers, or a list (1,2): one row each")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rss-sizes", default="100000,1000000", help="samples streamed for the memory rows")
     ap.add_argument("--rss-shard-size", type=int, default=5000)
@@ -198,6 +265,8 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="where the shards go (default: a temporary folder)")
     ap.add_argument("--baseline-site", default=str(cache_root() / "bench-webdataset-0.2.86"),
                     help=f"folder with {BASELINE_WEBDATASET} for open_clip_train's pipeline (filled if empty)")
+    ap.add_argument("--baseline-src", default=None,
+                    help="another checkout of this project (e.g. the main branch): its holiclip measured too")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -219,22 +288,7 @@ def main() -> None:
         print(f"# {args.samples} samples ({args.image_px} px JPEG + txt + json of {len(SLOTS)} captions) in "
               f"{args.samples // args.shard_size} shards, written in {time.perf_counter() - t0:.1f} s; batch "
               f"{args.batch}, {args.workers} workers, transform at {args.image_size} px", flush=True)
-        common = {"batch": args.batch, "workers": args.workers, "image_size": args.image_size}
-        runs = {"open_clip_train get_wds_dataset (txt)": [], "holiclip ShardStream, 1 slot (txt)": [],
-                "holiclip ShardStream, 5 slots": []}
-        for _ in range(args.repeats):
-            runs["open_clip_train get_wds_dataset (txt)"].append(
-                child("open_clip", site, pattern=pattern, samples=args.samples, **common))
-            runs["holiclip ShardStream, 1 slot (txt)"].append(
-                child("holiclip", pattern=pattern, slots=1, shuffle=5000, **common))
-            runs["holiclip ShardStream, 5 slots"].append(
-                child("holiclip", pattern=pattern, slots=5, shuffle=5000, **common))
-        best = {k: max(r["images"] / r["seconds"] for r in v) for k, v in runs.items()}
-        base = best["open_clip_train get_wds_dataset (txt)"]
-        print("\n| loader | images / epoch | images/s (best of %d) | vs open_clip |" % args.repeats)
-        print("|---|---|---|---|")
-        for k, v in runs.items():
-            print(f"| {k} | {v[0]['images']} | {best[k]:.0f} | {best[k] / base:.2f}x |")
+        throughput(args, pattern, site)
         rows = []
         for n in rss_sizes:
             t0 = time.perf_counter()

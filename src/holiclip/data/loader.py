@@ -258,6 +258,7 @@ class Normalize:
         return self._stats[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous()  # a channels-last batch (stack_images): the model gets NCHW as before
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         mean, std = self._on(x.device)
         return (x - mean) / std
@@ -323,6 +324,15 @@ def tensor_transform(image_size: int | tuple[int, int], mean: Sequence[float] | 
     return apply
 
 
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, C, H, W), straight into shared memory in a DataLoader worker (default_collate's way: no
+    copy on the way out). Images that are HWC arrays seen as CHW (:class:`ToUint8`'s) are stacked as
+    they lie, one plain copy, into a channels-last batch (:class:`Normalize` makes it contiguous)."""
+    if all(im.dim() == 3 and im.permute(1, 2, 0).is_contiguous() for im in images):
+        return default_collate([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
+    return default_collate(list(images))
+
+
 class Collate:
     """Stacks images (as the transform gives them: uint8 from :func:`split_normalize`, normalised on
     the device); tokenises texts to (B, M, L) and counts truncation (one encode per text), or, with a
@@ -338,8 +348,7 @@ class Collate:
         batch_size, num_slots = len(items), len(items[0]["texts"])
         flat = [t for it in items for t in it["texts"]]
         out = {
-            # default_collate stacks straight into shared memory in a worker: no copy on the way out
-            "images": default_collate([it["image"] for it in items]),
+            "images": stack_images([it["image"] for it in items]),
             "index": torch.tensor([it["index"] for it in items]),
             "bad": [b for it in items for b in it["bad"]],
             "num_texts": len(flat),
