@@ -40,6 +40,8 @@ from pathlib import Path
 
 from bench_data import BASELINE_WEBDATASET, SLOTS, baseline_site, write_shards
 
+from holiclip.io import cache_root
+
 SYSTEMS = {  # name: (label, H, M)
     "holiclip-h1": ("holiclip H = 1 (O2M)", 1, 5),
     "holiclip-cls5": ("holiclip Psi_CLS H = 5", 5, 5),
@@ -271,7 +273,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=450.0, help="seconds: runs that would start later are skipped")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--work-dir", default=None, help="where shards and runs go (default: a temporary folder)")
-    ap.add_argument("--baseline-site", default=".cache/holiclip/bench-webdataset-0.2.86",
+    ap.add_argument("--baseline-site", default=str(cache_root() / "bench-webdataset-0.2.86"),
                     help=f"folder with {BASELINE_WEBDATASET} for open_clip_train's pipeline (filled if empty)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_dry_run_measures_every_row(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    # open_clip_train's pipeline runs with webdataset 0.2.86 and pandas from this folder (pip fills it once)
-    site = ROOT / ".cache" / "holiclip" / "bench-webdataset-0.2.86"
+    # open_clip_train's pipeline runs with webdataset 0.2.86 and pandas from a folder the bench fills with
+    # pip, as bench_data.py does: here under the tests' temporary cache root
+    from holiclip.io import cache_root
+
+    site = cache_root() / "bench-webdataset-0.2.86"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--dry", "--work-dir", str(tmp_path),
                            "--baseline-site", str(site)], capture_output=True, text=True, env=env, timeout=580)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
