@@ -61,7 +61,14 @@ def _jpegs(px: int, count: int = 32) -> list[bytes]:
     return out
 
 
-def write_shards(root: Path, samples: int, shard_size: int, px: int) -> str:
+def captions(i: int, long: bool = False) -> dict[str, str]:
+    """Sample ``i``'s captions: ~60 characters each, or (``long``) the web one and four of ~250
+    characters, as VLM perspectives run (bench_tokens.py's)."""
+    return {s: _text(i, j) if s == "web" or not long else " ".join(_text(i + k, j) for k in range(4))
+            for j, s in enumerate(SLOTS)}
+
+
+def write_shards(root: Path, samples: int, shard_size: int, px: int, long: bool = False) -> str:
     """``samples`` samples in shards of ``shard_size`` with sizes.json; returns the brace pattern."""
     import webdataset as wds
 
@@ -73,7 +80,7 @@ def write_shards(root: Path, samples: int, shard_size: int, px: int) -> str:
         n = min(shard_size, samples - k * shard_size)
         with wds.TarWriter(str(root / name)) as sink:
             for i in range(k * shard_size, k * shard_size + n):
-                caps = {s: _text(i, j) for j, s in enumerate(SLOTS)}
+                caps = captions(i, long)
                 sink.write({"__key__": f"{i:09d}", "jpg": images[i % len(images)], "txt": caps["web"].encode(),
                             "json": json.dumps({"captions": caps}).encode()})
         sizes[name] = n
@@ -265,6 +272,8 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="where the shards go (default: a temporary folder)")
     ap.add_argument("--baseline-site", default=str(cache_root() / "bench-webdataset-0.2.86"),
                     help=f"folder with {BASELINE_WEBDATASET} for open_clip_train's pipeline (filled if empty)")
+    ap.add_argument("--long-captions", action="store_true",
+                    help="four of the five captions ~250 characters (VLM perspectives), not ~60")
     ap.add_argument("--baseline-src", default=None,
                     help="another checkout of this project (e.g. the main branch): its holiclip measured too")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -284,8 +293,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        pattern = write_shards(root / "rate", args.samples, args.shard_size, args.image_px)
-        print(f"# {args.samples} samples ({args.image_px} px JPEG + txt + json of {len(SLOTS)} captions) in "
+        pattern = write_shards(root / "rate", args.samples, args.shard_size, args.image_px, args.long_captions)
+        print(f"# {args.samples} samples ({args.image_px} px JPEG + txt + json of {len(SLOTS)} "
+              f"{'captions, 4 of ~250 characters' if args.long_captions else 'captions of ~60 characters'}) in "
               f"{args.samples // args.shard_size} shards, written in {time.perf_counter() - t0:.1f} s; batch "
               f"{args.batch}, {args.workers} workers, transform at {args.image_size} px", flush=True)
         throughput(args, pattern, site)
