@@ -184,7 +184,7 @@ def resume_state(resume: str | None, directory: Path, is_main: bool) -> tuple[Pa
 # settings that change how a run is watched or stored, not what it trains: free to change on resume
 OPERATIONAL_KEYS = frozenset({
     "run.out", "run.progress", "run.tensorboard", "run.log_every", "run.save_every", "run.keep_checkpoints",
-    "run.max_steps_this_run", "run.cache_dir", "run.device", "data.workers",
+    "run.max_steps_this_run", "run.cache_dir", "run.device", "data.workers", "run.dist_timeout",
     "run.compile",  # the same computation, compiled or eager (losses equal within float tolerance)
 })
 
