@@ -316,8 +316,10 @@ class Trainer:
         failed = None  # an error of this rank, raised on every rank at the next exchange
         while self.step < end:
             fetched = time.perf_counter()
+            micro_batches = []
             try:  # a loader worker's DataError, a TextCacheMiss, the bad-fraction check at an epoch's end, ...
-                micro_batches = [next(batches) for _ in range(accum)] if failed is None else []
+                if failed is None:
+                    micro_batches = [next(batches) for _ in range(accum)]
             except Exception as err:
                 failed = err
             waited += time.perf_counter() - fetched  # blocked on the loader
