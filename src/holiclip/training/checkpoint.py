@@ -68,7 +68,8 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> P
 def load_checkpoint(path: Path) -> dict:
     """A training state, or a CheckpointError naming the file (empty, truncated, not a torch file, not a state)."""
     path = Path(path)
-    state = read_torch(path, CheckpointError, "checkpoint")
+    # mapped, not read into memory: the tensors are paged in as the model and optimiser copy them
+    state = read_torch(path, CheckpointError, "checkpoint", mmap=True)
     missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a holiclip training checkpoint (no {', '.join(missing)})")
