@@ -326,6 +326,7 @@ class Trainer:
             # the step's one collective on the host: counters, the loader's wait, and stop flags
             self._account(micro_batches, failed, waited)
             losses = self._train_step(micro_batches)
+            self._watch_finite(losses)
             self.step += 1
             samples_since += global_batch
             logs = self.step % cfg.run.log_every == 0 or self.step == end
@@ -383,7 +384,6 @@ class Trainer:
         """One optimiser step on ``optim.accum_steps`` micro-batches trained as one batch; returns
         the loss terms of that batch, on the device (read only at the log and save steps)."""
         losses = self._backward(micro_batches)
-        self._watch_finite(losses)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip:
