@@ -195,7 +195,7 @@ EXPECTED = {
     "rank0_log_fails": ("PermissionError", r"metrics.jsonl: denied"),
     "non_finite_between_checks": ("NonFiniteLoss", r"non-finite loss at step 1: contrastive_loss=nan \(found at step 2"),
     "local_loss_without_grad_gather": ("ConfigError", r"wrong gradient on several ranks: .* the gradient a sample "
-                                                      r"gets as a negative of the other ranks' queries is lost"),
+                                                      r"gets as a negative in the other ranks' losses is lost"),
 }
 
 

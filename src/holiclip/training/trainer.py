@@ -364,14 +364,14 @@ class Trainer:
                 "trained_steps": self.step - start}
 
     def _check_loss_settings(self) -> None:
-        problem = gather_problem(self.cfg.loss.local_loss, self.cfg.loss.gather_with_grad)
-        if problem is None or not self.dist.enabled:
+        problem = gather_problem(self.cfg.loss.local_loss, self.cfg.loss.gather_with_grad, self.dist.world_size)
+        if problem is None:
             return
         severity, reason = problem
-        if severity == "error":
+        if severity == "error":  # config alone decides: every rank raises it
             raise ConfigError(reason)
         if self.dist.is_main:
-            log.warning("warning: " + reason.format(world_size=self.dist.world_size))
+            log.warning("warning: %s", reason)
 
     def _open_run_folder(self, start: int) -> None:
         """config.yaml and the metrics' files (rank 0)."""
