@@ -48,11 +48,12 @@ def test_compiled_model_trains_as_eager(tmp_path):
     assert ckpts[0] == ckpts[1]
 
 
-def test_compile_without_a_cxx_compiler_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
+def test_compile_without_a_cxx_compiler_says_so(tmp_path):
     cfg = cfg_for(tmp_path, make_dataset(tmp_path, n=8), tmp_path / "run", "run.compile=true", "run.device=cpu")
-    with pytest.raises(ValueError, match=r"run.compile=true on CPU: torch.compile needs a C\+\+ compiler"):
-        train(cfg)
+    # inductor's own patch: monkeypatch's undo leaves config.cpp.cxx missing for later tests
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),)}):
+        with pytest.raises(ValueError, match=r"run.compile=true on CPU: torch.compile needs a C\+\+ compiler"):
+            train(cfg)
 
 
 def test_repeated_calls_compile_one_graph():

@@ -94,11 +94,6 @@ def all_gather_objects(info: DistInfo, obj) -> list:
     return out
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -23,7 +23,7 @@ from ..models.registry import create_model, get_tokenizer, get_transforms, save_
 from . import checkpoint as ckpt
 from .accumulate import backward_as_one_batch
 from .config import ConfigError, TrainConfig, save_config
-from .distributed import all_gather_objects, barrier, cleanup, exchange, init_distributed
+from .distributed import all_gather_objects, cleanup, exchange, init_distributed
 from .logger import MetricLogger
 from .schedule import create_optimizer, warmup_cosine
 from .text_cache import TextCache, fill_text_cache
