@@ -16,6 +16,8 @@ import torch.distributed as dist
 from ..io import atomic_path, unfinished_writes
 from ..models.sources import CKPT_RE, list_checkpoints, read_torch
 from .config import with_defaults
+from .distributed import portable
+
 # what a training run writes into run.out (``--overwrite`` deletes exactly these)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "config.yaml")
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "counters", "rng")
@@ -140,9 +142,10 @@ def on_main(fn: Callable, is_main: bool):
         except Exception as err:  # handed to the other ranks, then raised everywhere
             error = err
     if dist.is_available() and dist.is_initialized():
-        box = [(result, error)]
+        box = [(result, portable(error) if error is not None else None)]  # an unpicklable one as its text
         dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
+        if not is_main:
+            result, error = box[0]
     if error is not None:
         raise error
     return result
