@@ -76,12 +76,10 @@ def exchange(info: DistInfo, values: Sequence[float], error: BaseException | Non
     rows = [torch.empty_like(row) for _ in range(info.world_size)]
     dist.all_gather(rows, row, group=info.host_group)
     table = torch.stack(rows).numpy()
-    failed = np.flatnonzero(table[:, 0])
-    if failed.size:
-        src = int(failed[0])
-        box = [portable(error) if info.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=info.host_group)
-        raise error if info.rank == src else box[0]
+    if table[:, 0].any():  # gathered, not broadcast: no rank leaves (and tears the group down) before all have it
+        errors = all_gather_objects(info, portable(error) if error is not None else None)
+        src = int(np.flatnonzero(table[:, 0])[0])
+        raise error if info.rank == src else errors[src]
     return table[:, 1:]
 
 

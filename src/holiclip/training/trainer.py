@@ -355,11 +355,15 @@ class Trainer:
                 self._save()
         progress.close()
         logger.close()
-        exchange(self.dist, [], failed)  # an error of the last step
         self._summarise(f"end of run (step {self.step})")
-        if self.step >= cfg.optim.steps:
-            ckpt.on_main(lambda: save_model(self.model, self.out / "model", extra={"train_config": cfg.to_dict()}),
-                         self.dist.is_main)
+        if self.dist.is_main and failed is None and self.step >= cfg.optim.steps:
+            try:
+                save_model(self.model, self.out / "model", extra={"train_config": cfg.to_dict()})
+            except Exception as err:
+                failed = err
+        # the run's last collective, which no rank leaves before all have come: an error of the last
+        # step or of the model's save stops every rank
+        exchange(self.dist, [], failed)
         return {"step": self.step, "last": last, "counters": dict(self.counters), "out": str(self.out),
                 "trained_steps": self.step - start}
 
