@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from holiclip import M2MLoss
-from holiclip.loss import diversity_penalty, pair_branches
+from holiclip.loss import diversity_penalty, gather_problem, pair_branches
 
 from tests.helpers.tensors import unit
 
@@ -312,3 +312,12 @@ def test_scale_is_applied():
 def test_embedding_size_mismatch_is_named():
     with pytest.raises(ValueError, match="embedding sizes differ"):
         M2MLoss()(unit(4, 2, 8), unit(4, 2, 16), 10.0)
+
+
+def test_gather_problem_names_what_goes_wrong_on_several_ranks():
+    assert all(gather_problem(local, with_grad, 1) is None for local in (True, False) for with_grad in (True, False))
+    assert gather_problem(True, True, 8) is None and gather_problem(False, True, 8) is None
+    severity, reason = gather_problem(True, False, 8)
+    assert severity == "error" and "wrong gradient" in reason and "loss.gather_with_grad=true" in reason
+    severity, reason = gather_problem(False, False, 8)
+    assert severity == "warning" and "1/8 of the full-batch gradient while the logit scale gets all of it" in reason

@@ -129,6 +129,13 @@ def test_no_grad_gather_global_loss_is_w_times_too_small(distributed_results, se
 
 
 @pytest.mark.parametrize("setting", PLAIN, ids=_name)
+def test_no_grad_gather_global_loss_gives_the_logit_scale_all_its_gradient(distributed_results, setting):
+    """... while the shared logit scale gets the full-batch gradient (as loss.gather_problem says)."""
+    *_, scale_grad = _ddp_view(distributed_results, (setting, False, False))
+    torch.testing.assert_close(scale_grad, _single(setting)[3], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", PLAIN, ids=_name)
 def test_local_loss_without_grad_gather_loses_gradient(distributed_results, setting):
     """local_loss=True, gather_with_grad=False: right loss value, wrong gradients (documented)."""
     loss, image_grad, _, _ = _ddp_view(distributed_results, (setting, True, False))

@@ -76,6 +76,30 @@ def diversity_penalty(image_features: torch.Tensor, margin: float) -> torch.Tens
     return F.relu(off_diag / (num_branches * (num_branches - 1)) - margin)
 
 
+def gather_problem(local_loss: bool, gather_with_grad: bool, world_size: int) -> tuple[str, str] | None:
+    """What goes wrong in a multi-rank run's gradient with these settings: (severity, reason) with
+    severity ``error`` or ``warning``; None when the gradient is the full-batch one (gather_with_grad,
+    or one rank).
+
+    Without ``gather_with_grad`` the other ranks' features are constants, so a rank's gradient
+    reaches its own samples only through its own part of the loss (tests/test_loss_distributed.py).
+    """
+    if gather_with_grad or world_size <= 1:
+        return None
+    if local_loss:
+        return "error", (
+            "loss.local_loss=true with loss.gather_with_grad=false trains with a wrong gradient on several ranks: "
+            "each rank's loss sees the other ranks' features as constants, so the gradient a sample gets as a "
+            "negative in the other ranks' losses is lost (not a scale: the direction changes); set "
+            "loss.gather_with_grad=true (open_clip's --local-loss --gather-with-grad)")
+    return "warning", (
+        f"loss.local_loss=false with loss.gather_with_grad=false on {world_size} ranks: every rank computes the "
+        "whole batch's loss but its gradient flows through its own samples only, so after DDP averages the "
+        f"ranks the towers get 1/{world_size} of the full-batch gradient while the logit scale gets all of it "
+        "(AdamW largely normalises the scale away, but optim.grad_clip clips a norm weighted otherwise, and "
+        "eps weighs more); set loss.gather_with_grad=true for the full-batch gradient")
+
+
 class M2MLoss(nn.Module):
     """open_clip ``ClipLoss``-style loss for (B, H, D) image and (B, M, D) text features.
 

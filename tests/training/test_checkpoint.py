@@ -281,3 +281,37 @@ def test_resume_removes_partial_checkpoint_writes_and_counts_them(base, tmp_path
     assert all(name in result.output for name in partial)
     assert not list(folder.glob("step_*.pt.*.*.tmp")) and all(p.exists() for p in others)
     assert [p.name for p in list_checkpoints(folder)] == ["step_00000004.pt", "step_00000006.pt"]  # keep=2
+
+
+def test_resumed_checkpoint_is_mapped_and_not_held_while_training(base, tmp_path, monkeypatch):
+    """The checkpoint is read with mmap (its tensors paged in as they are copied) and no reference
+    to the loaded state survives into the training steps (the model holds copies)."""
+    import gc
+    import weakref
+
+    from holiclip.training import checkpoint as ckpt_mod
+    from holiclip.training.trainer import Trainer
+
+    run = copy_run(base, tmp_path)
+    loads, held = [], []
+    real_load, real_load_ckpt, real_step = torch.load, ckpt_mod.load_checkpoint, Trainer._train_step
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("mmap"))
+        return real_load(*args, **kwargs)
+
+    def recording_load_checkpoint(path):
+        state = real_load_ckpt(path)
+        held.extend(weakref.ref(t) for t in state["model"].values())
+        return state
+
+    def step(self, micro_batches):
+        gc.collect()
+        assert held and not [r for r in held if r() is not None], "the loaded checkpoint is still referenced"
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    monkeypatch.setattr(ckpt_mod, "load_checkpoint", recording_load_checkpoint)
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    assert train(cfg(base, run), resume="latest")["step"] == 6
+    assert loads == [True]

@@ -42,3 +42,40 @@ def test_torchrun_training_destroys_its_process_group(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("stopped") == stopped, proc.stdout[-2000:]
         assert proc.stdout.count("process group destroyed") == 2, proc.stdout[-2000:]
+
+
+def _init_with(monkeypatch, device: str, backend: str, **env):
+    """init_distributed under a torchrun environment, with the process-group calls recorded."""
+    import inspect
+
+    import torch
+    import torch.distributed as dist
+
+    from holiclip.training.distributed import init_distributed
+
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", **env}.items():
+        monkeypatch.setenv(name, value)
+    calls, groups = {}, []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    fake = lambda **kw: calls.update(kw)  # noqa: E731
+    fake.__signature__ = inspect.signature(dist.init_process_group)  # the real one's parameters
+    monkeypatch.setattr(dist, "init_process_group", fake)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(dist, "new_group", lambda **kw: groups.append(kw) or "host group")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.update(set_device=index))
+    info = init_distributed(device, timeout=42)
+    return calls, groups, info
+
+
+def test_process_group_gets_the_configured_timeout_and_its_gpu(monkeypatch):
+    from datetime import timedelta
+
+    import torch
+
+    calls, groups, info = _init_with(monkeypatch, "cuda", "nccl")
+    assert calls["backend"] == "nccl" and calls["timeout"] == timedelta(seconds=42)
+    assert calls["device_id"] == torch.device("cuda", 1) and calls["set_device"] == 1
+    # host-side flags and counters travel on a gloo group beside NCCL, with the same timeout
+    assert groups == [{"backend": "gloo", "timeout": timedelta(seconds=42)}] and info.host_group == "host group"
+    calls, groups, info = _init_with(monkeypatch, "cpu", "gloo")
+    assert calls == {"backend": "gloo", "timeout": timedelta(seconds=42)} and not groups and info.host_group is None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from holiclip.data import loader as loader_mod
 from holiclip.training import trainer as trainer_mod
 from holiclip.training.trainer import read_metrics, train
@@ -30,7 +32,7 @@ def test_slow_data_shows_as_waiting(tmp_path, monkeypatch, capsys):
         return real(self, items)
 
     def instant_step(self, micro_batches):  # the step's own time, which varies with the machine's load, is ~0
-        return {"contrastive_loss": 1.0, "loss": 1.0}
+        return {"contrastive_loss": torch.tensor(1.0)}  # the step's loss terms, on the device
 
     monkeypatch.setattr(loader_mod.Collate, "__call__", slow)
     monkeypatch.setattr(trainer_mod.Trainer, "_train_step", instant_step)

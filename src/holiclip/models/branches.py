@@ -112,7 +112,11 @@ class MultiBranchViT(nn.Module):
         if encoder == "mlp":
             for blk in self.transformer.resblocks[self.fork_at:]:
                 blk.mlp.c_proj = BranchLinear.from_linear(blk.mlp.c_proj, num_branches)
-        self._mask_cache: dict = {}
+        # built once and moved with the model: a mask made (or cached in a dict) in forward would be
+        # a new guard for torch.compile on every call, i.e. a recompile
+        tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.register_buffer("cls_mask", self._build_mask(tokens) if encoder == "cls" and num_branches > 1 else None,
+                             persistent=False)
 
     @torch.no_grad()
     def init_branches(self) -> None:
@@ -140,18 +144,20 @@ class MultiBranchViT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
+    def _build_mask(self, num_tokens: int) -> torch.Tensor:
+        mask = torch.zeros(num_tokens, num_tokens)
+        h = self.num_branches
+        mask[:h, :h] = torch.full((h, h), float("-inf")).fill_diagonal_(0.0)
+        return mask
+
     def attn_mask(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor | None:
-        """Additive mask: class token i may not attend to class token j != i."""
-        if self.encoder != "cls" or self.num_branches == 1:
+        """Additive mask: class token i may not attend to class token j != i (in ``like``'s dtype)."""
+        if self.cls_mask is None:
             return None
-        key = (num_tokens, like.device, like.dtype)
-        if key not in self._mask_cache:
-            mask = torch.zeros(num_tokens, num_tokens, device=like.device, dtype=like.dtype)
-            h = self.num_branches
-            block = torch.full((h, h), float("-inf"), device=like.device, dtype=like.dtype)
-            mask[:h, :h] = block.fill_diagonal_(0.0)
-            self._mask_cache = {key: mask}
-        return self._mask_cache[key]
+        if num_tokens != self.cls_mask.shape[0]:
+            raise ValueError(f"{num_tokens} tokens, but this tower's class tokens and patches make "
+                             f"{self.cls_mask.shape[0]}: images of another size than {self.image_size}?")
+        return self.cls_mask.to(like.dtype)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv1(images.to(self.conv1.weight.dtype))

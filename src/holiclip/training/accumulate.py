@@ -12,7 +12,7 @@ one k x B batch, while only one micro-batch's activations are alive at a time.
 Beyond open_clip: outputs shared by the whole batch (0-dim tensors: the logit scale) keep their
 gradient in the last pass only (open_clip counts it k times); each recompute replays the random
 state its cached forward started from (a trainable tower with dropout gives the same outputs
-twice); the loss is checked and returned once per step.
+twice); the loss is returned once per step (the trainer checks it on the device).
 """
 from __future__ import annotations
 
@@ -55,7 +55,6 @@ def backward_as_one_batch(
     loss: Callable[[Outputs], dict[str, torch.Tensor]],
     backward: Callable[[torch.Tensor], None],
     no_sync: Callable[[], ContextManager] = nullcontext,
-    check: Callable[[dict[str, torch.Tensor]], None] = lambda losses: None,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Accumulates into ``.grad`` the gradient of ``loss`` on all ``micro_batches`` as one batch.
@@ -63,9 +62,8 @@ def backward_as_one_batch(
     ``forward(batch)`` gives the model outputs the loss takes (per-sample tensors with the batch
     first, 0-dim shared ones); ``loss(outputs)`` the named terms, which sum to the total;
     ``backward(total)`` backpropagates it (a grad scaler goes there); ``no_sync()`` is entered
-    around every pass but the last (DDP's ``no_sync``: one gradient all-reduce per step);
-    ``check(terms)`` may raise on a bad loss before its backward. Returns the whole batch's loss
-    terms, detached.
+    around every pass but the last (DDP's ``no_sync``: one gradient all-reduce per step). Returns
+    the whole batch's loss terms, detached.
     """
     if len(micro_batches) < 2:
         raise ValueError(f"backward_as_one_batch needs 2 or more micro-batches, got {len(micro_batches)}")
@@ -82,7 +80,6 @@ def backward_as_one_batch(
         # DDP decides in forward whether the backward all-reduces: both go inside no_sync
         with nullcontext() if j == last else no_sync():
             terms = loss(splice(cached, j, forward(batch), shared_grad=j == last))
-            check(terms)
             backward(sum(terms.values()))
     _set_rng_state(after, device)  # the stream continues as after the k cached forwards
     return {k: v.detach() for k, v in terms.items()}

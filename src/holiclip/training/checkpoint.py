@@ -16,6 +16,8 @@ import torch.distributed as dist
 from ..io import atomic_path, unfinished_writes
 from ..models.sources import CKPT_RE, list_checkpoints, read_torch
 from .config import with_defaults
+from .distributed import portable
+
 # what a training run writes into run.out (``--overwrite`` deletes exactly these)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "config.yaml")
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "counters", "rng")
@@ -68,7 +70,8 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> P
 def load_checkpoint(path: Path) -> dict:
     """A training state, or a CheckpointError naming the file (empty, truncated, not a torch file, not a state)."""
     path = Path(path)
-    state = read_torch(path, CheckpointError, "checkpoint")
+    # mapped, not read into memory: the tensors are paged in as the model and optimiser copy them
+    state = read_torch(path, CheckpointError, "checkpoint", mmap=True)
     missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a holiclip training checkpoint (no {', '.join(missing)})")
@@ -139,9 +142,10 @@ def on_main(fn: Callable, is_main: bool):
         except Exception as err:  # handed to the other ranks, then raised everywhere
             error = err
     if dist.is_available() and dist.is_initialized():
-        box = [(result, error)]
+        box = [(result, portable(error) if error is not None else None)]  # an unpicklable one as its text
         dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
+        if not is_main:
+            result, error = box[0]
     if error is not None:
         raise error
     return result
@@ -184,7 +188,7 @@ def resume_state(resume: str | None, directory: Path, is_main: bool) -> tuple[Pa
 # settings that change how a run is watched or stored, not what it trains: free to change on resume
 OPERATIONAL_KEYS = frozenset({
     "run.out", "run.progress", "run.tensorboard", "run.log_every", "run.save_every", "run.keep_checkpoints",
-    "run.max_steps_this_run", "run.cache_dir", "run.device", "data.workers",
+    "run.max_steps_this_run", "run.cache_dir", "run.device", "data.workers", "run.dist_timeout",
     "run.compile",  # the same computation, compiled or eager (losses equal within float tolerance)
 })
 

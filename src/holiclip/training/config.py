@@ -109,6 +109,7 @@ class RunCfg:
     # text-feature caches shared between runs: <cache root>/text-features (holiclip.io.cache_root)
     cache_dir: str = field(default_factory=lambda: str(cache_root() / "text-features"))
     compile: bool = False  # torch.compile the model (on CPU inductor needs a C++ compiler, g++ or $CXX)
+    dist_timeout: int = 1800  # seconds a collective may wait under torchrun before the run fails
 
 
 @dataclass
@@ -360,6 +361,7 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     check(r.save_every >= 1, "run.save_every", ">= 1")
     check(r.keep_checkpoints >= 0, "run.keep_checkpoints", ">= 0 (0 keeps all)")
     check(r.max_steps_this_run is None or r.max_steps_this_run >= 1, "run.max_steps_this_run", ">= 1 (or null)")
+    check(r.dist_timeout >= 1, "run.dist_timeout", ">= 1 (seconds)")
 
 
 def with_defaults(saved: dict) -> dict:

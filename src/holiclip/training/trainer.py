@@ -19,12 +19,12 @@ from ..data.loader import (
 from ..data.records import DataError
 from ..data.shards import ShardStream, shard_sizes, shard_urls
 from ..io import jsonl_rows
-from ..loss import M2MLoss
+from ..loss import M2MLoss, gather_problem
 from ..models.registry import create_model, get_tokenizer, get_transforms, save_model
 from . import checkpoint as ckpt
 from .accumulate import backward_as_one_batch
-from .config import TrainConfig, save_config
-from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from .config import ConfigError, TrainConfig, save_config
+from .distributed import all_gather_objects, cleanup, exchange, init_distributed
 from .logger import MetricLogger
 from .schedule import create_optimizer, warmup_cosine
 from .text_cache import TextCache, fill_text_cache
@@ -53,10 +53,14 @@ def autocast_for(precision: str, device: str):
     return torch.autocast(device.split(":")[0], dtype=dtype), scaler
 
 
-def compile_for(net: torch.nn.Module, device: str) -> torch.nn.Module:
+def compile_for(net: torch.nn.Module, device: str, checkpointing: bool = False) -> torch.nn.Module:
     """torch.compile of the module the forward calls (DDP included, so its gradient buckets stay
     overlapped); the model itself is not wrapped, so its state_dict keys, checkpoints and saved
     models are the same as without compiling."""
+    if checkpointing and isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        # as open_clip: dynamo's DDP optimiser splits the graph at gradient-bucket boundaries, which
+        # activation checkpointing's regions cross; one whole graph instead (buckets still overlap)
+        torch._dynamo.config.optimize_ddp = False
     if not device.startswith("cuda"):  # inductor's CPU code is C++: say so before the first step, not inside it
         from torch._inductor import cpp_builder, exc
 
@@ -82,9 +86,11 @@ class Trainer:
         self.allow_world_size_change = allow_world_size_change  # --resume latest on another number of ranks
         self.overwrite = overwrite  # delete the previous run in run.out (checkpoint.RUN_OUTPUTS) first
         self.device = resolve_device(cfg.run.device)
-        self.dist = init_distributed(self.device)
+        self.dist = init_distributed(self.device, timeout=cfg.run.dist_timeout)
         if self.dist.enabled and self.device.startswith("cuda"):
             self.device = f"cuda:{self.dist.local_rank}"
+        if self.device.startswith("cuda"):  # TF32 for fp32 matmuls (as open_clip); cuDNN's convolutions use it by default
+            torch.set_float32_matmul_precision("high")
         self.out = Path(cfg.run.out)
         self.ckpt_dir = self.out / "checkpoints"
 
@@ -153,7 +159,7 @@ class Trainer:
                 self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None
             )
         if cfg.run.compile:
-            self.net = compile_for(self.net, self.device)
+            self.net = compile_for(self.net, self.device, checkpointing=cfg.model.grad_checkpointing)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.counters = {"seen": 0, "bad": 0, "truncated": 0, "texts": 0,
                          **(self.dataset if self.shards else self.manifest).counts()}
@@ -281,6 +287,7 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg
+        self._check_loss_settings()
         # before the slow build: a run folder holding another run stops the run (or is cleared with
         # overwrite), a damaged checkpoint is named; rank 0 alone touches files, all ranks fail alike
         ckpt.on_main(lambda: ckpt.prepare_run_folder(self.out, self.resume, self.overwrite), self.dist.is_main)
@@ -291,9 +298,6 @@ class Trainer:
             ckpt.check_resume_world(resume_path, state, self.dist.world_size, self._global_batch(), self.resume,
                                     self.allow_world_size_change, warn=self.dist.is_main)
         self._build()
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
         if resume_path is not None:
             try:
                 self._restore(resume_path, state)
@@ -301,10 +305,13 @@ class Trainer:
                 detail = " ".join(str(err).split())
                 raise ckpt.CheckpointError(f"checkpoint {resume_path} does not fit this run's config: "
                                            + (detail[:300] + " ..." if len(detail) > 300 else detail)) from err
+            state = None  # the loaded checkpoint is not held for the rest of the run
             if self.dist.is_main:
                 log.info("resumed from %s at step %d", resume_path, self.step)
         start = self.step
-        logger = MetricLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.run.tensorboard, start_step=start)
+        self.metrics = MetricLogger(self.out, enabled=False)  # rank 0's writes: opened by _open_run_folder
+        ckpt.on_main(lambda: self._open_run_folder(start), self.dist.is_main)  # its error reaches every rank
+        logger = self.metrics
         batches = self._batches()
         accum = cfg.optim.accum_steps
         end = cfg.optim.steps if cfg.run.max_steps_this_run is None else min(
@@ -313,56 +320,82 @@ class Trainer:
         progress = logger.progress(total=cfg.optim.steps, initial=self.step, disable=not cfg.run.progress)
         last = dict(logger.last_row or {})  # stands when nothing is left to train
         self.model.train()
+        self._nonfinite = None  # device record of the first non-finite loss since the last check
         t0, samples_since, waited = time.perf_counter(), 0, 0.0
+        failed = None  # an error of this rank, raised on every rank at the next exchange
         while self.step < end:
             fetched = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(accum)]
-            waited += time.perf_counter() - fetched  # blocked on the loader (the step before synchronised)
-            terms = self._train_step(micro_batches)
+            micro_batches = []
+            try:  # a loader worker's DataError, a TextCacheMiss, the bad-fraction check at an epoch's end, ...
+                if failed is None:
+                    micro_batches = [next(batches) for _ in range(accum)]
+            except Exception as err:
+                failed = err
+            waited += time.perf_counter() - fetched  # blocked on the loader
+            # the step's one collective on the host: counters, the loader's wait, and stop flags
+            self._account(micro_batches, failed, waited)
+            losses = self._train_step(micro_batches)
+            self._watch_finite(losses)
             self.step += 1
             samples_since += global_batch
-            last = terms
-            if self.step % cfg.run.log_every == 0 or self.step == end:
-                if self.dist.enabled:  # the global loss: mean of the ranks' local losses
-                    terms = {k: all_reduce_sum(v, self.device) / self.dist.world_size for k, v in terms.items()}
-                    last = terms
+            logs = self.step % cfg.run.log_every == 0 or self.step == end
+            saves = self.step % cfg.run.save_every == 0 or self.step == end
+            # other steps read nothing from the device: the next step is queued while the GPU works. At a
+            # log or save step, one all-reduce and one read of the loss: a non-finite loss since the last
+            # check stops every rank here, before anything is saved (the steps in between trained on it)
+            if logs or saves:
+                last, logit_scale = self._checked_terms(losses)
+            if logs:
                 dt = time.perf_counter() - t0
                 rate = samples_since / dt if dt > 0 else 0.0
-                data_wait = self._slowest_rank(waited / dt if dt > 0 else 0.0)
-                logger.log(self.step, {**terms, "lr": self.scheduler.get_last_lr()[0],
-                                       "logit_scale": self.model.logit_scale.exp().item(), "samples_per_s": rate,
-                                       "samples_per_s_per_device": rate / self.dist.world_size,
-                                       "data_wait": data_wait,
-                                       "epoch": self.epoch, **{f"data/{k}": v for k, v in self.counters.items()}})
+                data_wait = self.data_wait / dt if dt > 0 else 0.0
+                try:  # rank 0 writes; its error stops every rank at the next exchange
+                    logger.log(self.step, {**last, "lr": self.scheduler.get_last_lr()[0], "logit_scale": logit_scale,
+                                           "samples_per_s": rate, "samples_per_s_per_device": rate / self.dist.world_size,
+                                           "data_wait": data_wait, "epoch": self.epoch,
+                                           **{f"data/{k}": v for k, v in self.counters.items()}})
+                except Exception as err:
+                    failed = err
                 t0, samples_since, waited = time.perf_counter(), 0, 0.0
-                progress.set_postfix(loss=f"{terms['loss']:.3f}", ips_per_device=f"{rate / self.dist.world_size:.0f}",
+                progress.set_postfix(loss=f"{last['loss']:.3f}", ips_per_device=f"{rate / self.dist.world_size:.0f}",
                                      data_wait=f"{data_wait:.0%}")
             progress.update(1)
-            if self.step % cfg.run.save_every == 0 or self.step == end:
+            if saves:
                 self._save()
         progress.close()
         logger.close()
         self._summarise(f"end of run (step {self.step})")
-        if self.dist.is_main and self.step >= cfg.optim.steps:
-            save_model(self.model, self.out / "model", extra={"train_config": cfg.to_dict()})
-        barrier()
+        if self.dist.is_main and failed is None and self.step >= cfg.optim.steps:
+            try:
+                save_model(self.model, self.out / "model", extra={"train_config": cfg.to_dict()})
+            except Exception as err:
+                failed = err
+        # the run's last collective, which no rank leaves before all have come: an error of the last
+        # step or of the model's save stops every rank
+        exchange(self.dist, [], failed)
         return {"step": self.step, "last": last, "counters": dict(self.counters), "out": str(self.out),
                 "trained_steps": self.step - start}
 
-    def _slowest_rank(self, value: float) -> float:
-        """The largest of the ranks' values: one rank waiting on its data holds up every rank's step."""
-        if not self.dist.enabled:
-            return value
-        t = torch.tensor([value], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return float(t.item())
+    def _check_loss_settings(self) -> None:
+        problem = gather_problem(self.cfg.loss.local_loss, self.cfg.loss.gather_with_grad, self.dist.world_size)
+        if problem is None:
+            return
+        severity, reason = problem
+        if severity == "error":  # config alone decides: every rank raises it
+            raise ConfigError(reason)
+        if self.dist.is_main:
+            log.warning("warning: %s", reason)
+
+    def _open_run_folder(self, start: int) -> None:
+        """config.yaml and the metrics' files (rank 0)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        self.metrics = MetricLogger(self.out, tensorboard=self.cfg.run.tensorboard, start_step=start)
 
     # -- one optimisation step -------------------------------------------------------------
-    def _train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+    def _train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         """One optimiser step on ``optim.accum_steps`` micro-batches trained as one batch; returns
-        the loss terms of that batch and their sum ``loss``."""
-        for batch in micro_batches:
-            self._account(batch)
+        the loss terms of that batch, on the device (read only at the log and save steps)."""
         losses = self._backward(micro_batches)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -377,9 +410,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # as open_clip: logit scale clamped at ln(100)
             self.model.logit_scale.clamp_(0, math.log(100))
-        terms = {k: v.item() for k, v in losses.items()}
-        terms["loss"] = sum(v for k, v in terms.items() if k.endswith("_loss"))
-        return terms
+        return losses
 
     def _backward(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         """Accumulates the gradient of the loss on the micro-batches as one batch into ``.grad``
@@ -389,43 +420,87 @@ class Trainer:
 
         if len(micro_batches) == 1:
             losses = self._forward_loss(micro_batches[0])
-            self._check_finite(losses)
             backward(sum(losses.values()))
-            return losses
+            return {k: v.detach() for k, v in losses.items()}
         no_sync = self.net.no_sync if self.dist.enabled else nullcontext
         return backward_as_one_batch(micro_batches, self._forward, self._loss, backward, no_sync=no_sync,
-                                     check=self._check_finite, device=self.device)
+                                     device=self.device)
 
-    def _check_finite(self, losses: dict) -> None:
-        if not torch.isfinite(sum(losses.values())):
-            raise NonFiniteLoss(
-                f"non-finite loss at step {self.step}: " + ", ".join(f"{k}={v.item()}" for k, v in losses.items())
-                + f"; last checkpoint in {self.ckpt_dir} (resume with --resume latest, maybe with a lower lr)"
-            )
+    def _watch_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Keeps, on the device, the step and loss terms of the first non-finite loss since the last
+        check (:meth:`_checked_terms`): a Python ``if`` on the loss here would wait for the GPU."""
+        terms = torch.stack([v.float() for v in losses.values()])
+        here = torch.cat([terms.new_full((1,), self.step), terms])  # a fill on the device, no copy
+        if self._nonfinite is None:
+            self._nonfinite = torch.full_like(here, math.inf)
+        first = torch.isinf(self._nonfinite[0]) & ~torch.isfinite(terms.sum())
+        self._nonfinite = torch.where(first, here, self._nonfinite)
 
-    def _account(self, batch) -> None:
-        n = len(batch["index"]) + len(batch["bad"])
-        stats = [n, len(batch["bad"]), batch["truncated"], batch["num_texts"]]
-        keys = ["seen", "bad", "truncated", "texts"]
-        if self.shards:  # samples a stream left out and replaced (on_bad_row=skip, missing_slot_policy=drop)
-            keys += ["bad_rows", "dropped"]
-            stats += [len(batch["bad_rows"]), len(batch["dropped"])]
-            for message in (batch["bad_rows"] + batch["dropped"])[: max(0, 5 - self.counters["bad_rows"]
-                                                                       - self.counters["dropped"])]:
-                log.warning("left out and replaced: %s", message)
+    def _checked_terms(self, losses: dict[str, torch.Tensor]) -> tuple[dict[str, float], float]:
+        """The step's loss terms averaged over ranks (one all-reduce, one read from the device) with
+        their sum ``loss``, and the logit scale. A non-finite loss on any rank since the last check
+        stops every rank with a :class:`NonFiniteLoss` naming the first step that had one."""
+        scale = self.model.logit_scale.detach().exp().float().reshape(1)
+        found = torch.isfinite(self._nonfinite[:1]).float()
+        values = torch.cat([torch.stack([v.float() for v in losses.values()]), scale, found])
         if self.dist.enabled:
-            stats = [all_reduce_sum(s, self.device) for s in stats]
-        for key, value in zip(keys, stats):
+            torch.distributed.all_reduce(values)
+            values = values / self.dist.world_size
+        *terms, logit_scale, found = values.tolist()
+        if found:
+            self._raise_non_finite(list(losses))
+        terms = dict(zip(losses, terms))
+        terms["loss"] = sum(v for k, v in terms.items() if k.endswith("_loss"))
+        return terms, logit_scale
+
+    def _raise_non_finite(self, names: list[str]) -> None:
+        records = self._nonfinite.unsqueeze(0)
+        if self.dist.enabled:  # every rank's first non-finite step, if any; the earliest is named
+            gathered = [torch.empty_like(self._nonfinite) for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather(gathered, self._nonfinite)
+            records = torch.stack(gathered)
+        step, *terms = records[records[:, 0].argmin()].tolist()
+        detail = ", ".join(f"{k}={v}" for k, v in zip(names, terms))
+        seen = f" (found at step {self.step - 1}; the steps in between trained on it)" if step < self.step - 1 else ""
+        raise NonFiniteLoss(
+            f"non-finite loss at step {int(step)}: {detail}{seen}; nothing was saved after it: last checkpoint in "
+            f"{self.ckpt_dir} (resume with --resume latest, maybe with a lower lr)")
+
+    def _account(self, micro_batches: list[dict], failed: Exception | None, waited: float) -> None:
+        """Counts the step's samples, unreadable images and truncated texts over all ranks, and takes
+        the slowest rank's wait on its loader (one rank waiting holds up every rank's step), in the
+        step's one collective: on the host, from the batches' Python counts, so nothing waits on the
+        GPU. An error on any rank (``failed``) stops every rank there with that error."""
+        keys = ["seen", "bad", "truncated", "texts"] + (["bad_rows", "dropped"] if self.shards else [])
+        local = dict.fromkeys(keys, 0)
+        bad: list[str] = []
+        for batch in micro_batches:
+            local["seen"] += len(batch["index"]) + len(batch["bad"])
+            local["bad"] += len(batch["bad"])
+            local["truncated"] += batch["truncated"]
+            local["texts"] += batch["num_texts"]
+            bad += batch["bad"]
+            if self.shards:  # samples a stream left out and replaced (on_bad_row=skip, missing_slot_policy=drop)
+                local["bad_rows"] += len(batch["bad_rows"])
+                local["dropped"] += len(batch["dropped"])
+                for message in (batch["bad_rows"] + batch["dropped"])[: max(0, 5 - self.counters["bad_rows"]
+                                                                           - self.counters["dropped"])]:
+                    log.warning("left out and replaced: %s", message)
+        table = exchange(self.dist, [*local.values(), waited], failed)
+        for key, value in zip(keys, table[:, :-1].sum(axis=0)):
             self.counters[key] += int(value)
-        if batch["bad"]:
-            self.bad_examples.extend(batch["bad"][: max(0, 20 - len(self.bad_examples))])
+        self.data_wait = float(table[:, -1].max())
+        if table[:, keys.index("bad")].any():  # every rank then holds the same examples and counts: the
+            if len(self.bad_examples) < 20:  # check raises on all of them alike
+                for found in all_gather_objects(self.dist, bad):
+                    self.bad_examples.extend(found[: max(0, 20 - len(self.bad_examples))])
             check_bad_fraction(self.counters["bad"], max(self.counters["seen"], 100),
                                self.cfg.data.max_bad_fraction, self.bad_examples)
 
     def _save(self) -> None:
-        if self.dist.is_main:
-            ckpt.save_checkpoint(self.ckpt_dir, self.step, self._state(), self.cfg.run.keep_checkpoints)
-        barrier()
+        # rank 0 writes; a failed write (a full disk) stops every rank with its error
+        ckpt.on_main(lambda: ckpt.save_checkpoint(self.ckpt_dir, self.step, self._state(),
+                                                  self.cfg.run.keep_checkpoints), self.dist.is_main)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
