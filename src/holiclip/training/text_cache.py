@@ -82,8 +82,8 @@ MANIFEST_ROWS = 65_536  # manifest rows per source (per completion record, per s
 RELEASE = getattr(mmap, "MADV_DONTNEED", None)  # on a shared read-only map: drops pages from RSS only
 
 
-class TextCacheMiss(LookupError):
-    """A text looked up in a cache that was not filled with it."""
+class TextCacheMiss(DataError, LookupError):
+    """A text looked up in a cache that was not filled with it (a DataError: the CLI names it in one line)."""
 
 
 def trunk_digest(model) -> str:
