@@ -316,7 +316,7 @@ class Trainer:
         accum = cfg.optim.accum_steps
         end = cfg.optim.steps if cfg.run.max_steps_this_run is None else min(
             cfg.optim.steps, self.step + cfg.run.max_steps_this_run)
-        global_batch = cfg.optim.batch_size * accum * self.dist.world_size
+        global_batch = self._global_batch()
         progress = logger.progress(total=cfg.optim.steps, initial=self.step, disable=not cfg.run.progress)
         last = dict(logger.last_row or {})  # stands when nothing is left to train
         self.model.train()
