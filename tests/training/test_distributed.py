@@ -11,12 +11,22 @@ from tests.helpers.training import SLOTS
 
 
 _EACH_RANK = """
-import sys
+import gc, sys
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from holiclip.training.checkpoint import RunFolderError
 from holiclip.training.config import load_config
 from holiclip.training.trainer import train
 
+destroy = dist.destroy_process_group
+
+def destroy_last(*args, **kwargs):  # DDP's reducer holds the group: freed after the group, gloo can hang
+    gc.collect()
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"DDP objects alive at destroy_process_group: {alive}", flush=True)
+    return destroy(*args, **kwargs)
+
+dist.destroy_process_group = destroy_last
 try:
     train(load_config(None, sys.argv[1:]))
 except RunFolderError:  # raised on every rank after the process group was set up
@@ -42,6 +52,7 @@ def test_torchrun_training_destroys_its_process_group(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("stopped") == stopped, proc.stdout[-2000:]
         assert proc.stdout.count("process group destroyed") == 2, proc.stdout[-2000:]
+        assert proc.stdout.count("DDP objects alive at destroy_process_group: 0") == 2, proc.stdout[-2000:]
 
 
 def _init_with(monkeypatch, device: str, backend: str, **env):

@@ -1,6 +1,7 @@
 """The training loop: one process or torchrun, exact resume, bad-input accounting."""
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -514,6 +515,11 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     try:
         return trainer.train()
     finally:  # also on error: a process group left behind leaks its sockets or NCCL communicators
+        # DDP's reducer holds the process group: it goes first, so that the group is not destroyed a
+        # second time when the trainer is freed after destroy_process_group (gloo's destructor then
+        # waits on a lock forever, now and then, and the rank never exits)
+        trainer.net = None
+        gc.collect()
         if trainer.dist.owns_group:
             cleanup()
 
