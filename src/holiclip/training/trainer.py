@@ -23,7 +23,7 @@ from ..loss import M2MLoss, gather_problem
 from ..models.registry import create_model, get_tokenizer, get_transforms, save_model
 from . import checkpoint as ckpt
 from .accumulate import backward_as_one_batch
-from .config import ConfigError, TrainConfig, save_config
+from .config import ConfigError, TrainConfig, reporters, save_config
 from .distributed import all_gather_objects, cleanup, exchange, init_distributed
 from .logger import MetricLogger
 from .schedule import create_optimizer, warmup_cosine
@@ -390,7 +390,9 @@ class Trainer:
         """config.yaml and the metrics' files (rank 0)."""
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.out / "config.yaml")
-        self.metrics = MetricLogger(self.out, tensorboard=self.cfg.run.tensorboard, start_step=start)
+        report_to, run = reporters(self.cfg), self.cfg.run
+        wandb = {"project": run.wandb_project, "name": run.name, "config": self.cfg.to_dict()} if "wandb" in report_to else None
+        self.metrics = MetricLogger(self.out, tensorboard="tensorboard" in report_to, start_step=start, wandb=wandb)
 
     # -- one optimisation step -------------------------------------------------------------
     def _train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
