@@ -31,6 +31,7 @@ app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty
 _GROUPS = [
     ("holiclip.cli.models", "app", "models", "List and inspect architectures."),
     ("holiclip.cli.train", "app", "train", "Train Holistic CLIP / CLIP / O2M from a shipped config or a YAML file."),
+    ("holiclip.cli.runs", "app", "runs", "Where runs stand: step, ETA, last metrics and evaluation, checkpoints."),
     ("holiclip.cli.configs", "app", "configs", "List and print the training configs that ship with holiclip."),
     ("holiclip.cli.data", "app", "data", "Build and inspect datasets (built-in emoji benchmark)."),
     ("holiclip.cli.caption", "app", "caption", "Caption images from several perspectives with VLMs."),

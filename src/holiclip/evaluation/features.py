@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,37 @@ def no_readable_images(skipped: list[dict]) -> DataError:
     return DataError(f"no readable images among {len(skipped)}; first:\n  {listing}")
 
 
+@dataclass
+class Shard:
+    """This process's share of an evaluation spread over ``world_size`` processes (torchrun ranks):
+    each encodes a contiguous slice of the images / texts / classes, and ``gather(obj, error)``
+    returns every rank's ``obj`` in rank order, or raises on every rank the error of the first rank
+    that had one (``error``: this rank's, or None). Every rank then holds all features and computes
+    the same metrics: no rank waits on another's whole pass. ``shared`` becomes true once a gather
+    raised, on every rank alike (the caller need not hand that error over again)."""
+    rank: int
+    world_size: int
+    gather: Callable[[Any, BaseException | None], list]
+    shared: bool = False
+
+    def slice(self, n: int) -> slice:
+        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
+    def map(self, items: Sequence, encode: Callable[[Sequence, int], Any]) -> list:
+        """``encode(my_slice, offset)`` on this rank's slice (None for an empty one); every rank's result."""
+        part, local, error = self.slice(len(items)), None, None
+        try:
+            if part.stop > part.start:
+                local = encode(items[part], part.start)
+        except Exception as err:  # handed to every rank by the gather
+            error = err
+        try:
+            return self.gather(local, error)
+        except Exception:
+            self.shared = True
+            raise
+
+
 class _ImageList(torch.utils.data.Dataset):
     def __init__(self, images: Sequence, transform: Callable):
         self.images, self.transform = images, transform
@@ -79,22 +110,36 @@ def encode_images(
     num_workers: int = 0,
     progress: bool = False,
     skipped: list | None = None,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Unit-norm branch embeddings (N, H, D) of images given as paths / bytes / PIL images.
 
     With a ``skipped`` list, unreadable images are left out (the rows keep the order of the
     readable ones) and one record ``{"index", "image", "error"}`` per image is appended to it;
     without one, an unreadable image is a :class:`DataError` naming it. No readable image at
-    all is always an error."""
+    all is always an error. ``shard``: this rank encodes its slice; every rank gets all rows."""
     if not len(images):
         raise ValueError("no images to encode")
-    loader = torch.utils.data.DataLoader(_ImageList(images, transform), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate)
-    out, bad = [], []
-    for batch, errors in tqdm(loader, desc="images", unit="batch", disable=not progress):
-        bad.extend(errors)
-        if batch is not None:
-            out.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
+
+    def encode(part, offset: int) -> tuple[list[torch.Tensor], list[dict]]:
+        loader = torch.utils.data.DataLoader(_ImageList(part, transform), batch_size=batch_size,
+                                             num_workers=num_workers, collate_fn=_collate)
+        out, bad = [], []
+        for batch, errors in tqdm(loader, desc="images", unit="batch", disable=not progress):
+            bad.extend({**e, "index": e["index"] + offset} for e in errors)
+            if batch is not None:
+                out.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
+        return out, bad
+
+    if shard is None:
+        out, bad = encode(images, 0)
+    else:
+        parts = [p for p in shard.map(images, encode) if p is not None]
+        out, bad = [f for p in parts for f in p[0]], [e for p in parts for e in p[1]]
+    return _readable(out, bad, skipped)
+
+
+def _readable(out: list[torch.Tensor], bad: list[dict], skipped: list | None) -> torch.Tensor:
     if not out:
         raise no_readable_images(bad)
     if bad and skipped is None:
@@ -137,11 +182,19 @@ def encode_texts(
     long_text: str = "truncate",
     context_length: int | None = None,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> TextEncoding:
-    """Unit-norm text embeddings (N, D) plus truncation statistics."""
+    """Unit-norm text embeddings (N, D) plus truncation statistics. ``shard``: this rank encodes its
+    slice; every rank gets all rows and the counts of all texts."""
     if long_text not in LONG_TEXT_MODES:
         raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}, got {long_text!r}")
     texts = list(texts)
+    if shard is not None and texts:
+        parts = [p for p in shard.map(texts, lambda part, _: encode_texts(
+            model, tokenizer, part, batch_size, device, long_text, context_length, progress)) if p is not None]
+        return TextEncoding(torch.cat([p.features for p in parts]), sum(p.num_texts for p in parts),
+                            sum(p.num_truncated for p in parts), sum(p.num_split for p in parts),
+                            max(p.max_tokens for p in parts))
     ctx = context_length or getattr(tokenizer, "context_length", None) or model.context_length
     lengths = token_lengths(tokenizer, texts)
     # pieces[i] -> owner text; a text that fits is its own single piece

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
+
 from .datasets import (
     load_classnames, load_retrieval, load_segmentation, load_templates, read_image_folder, stratified_subset,
 )
 from .dense import evaluate_segmentation
 from .diversity import text_diversity
-from .features import encode_images, encode_texts
+from .features import Shard, encode_images, encode_texts
 from .loading import EvalModel
 from .retrieval import groups_from_identical_captions, recall_at_k
 from .zeroshot import build_classifier, clip_benchmark_record, zeroshot_classify
@@ -45,17 +47,20 @@ def run_task(name: str, em: EvalModel, data, **options) -> dict:
 
 
 def branch_variants(
-    names: Sequence[str], fusion: str = "mean", branches: Sequence[str] | None = None, per_branch: bool = False
+    names: Sequence[str], fusion: str | Sequence[str] = "mean", branches: Sequence[str] | None = None,
+    per_branch: bool = False,
 ) -> list[tuple[str, str, list[str] | None]]:
     """``(label, fusion, branches)`` to evaluate: each selected branch alone when
-    ``per_branch``, then the fused selection (label e.g. ``mean(web+detail)``)."""
+    ``per_branch``, then the fused selection (label e.g. ``mean(web+detail)``), once per mode
+    when ``fusion`` is a list of them."""
     names = list(names)
     selected = list(branches) if branches else names
     unknown = [b for b in selected if b not in names]
     if unknown:
         raise KeyError(f"unknown branches {unknown}; this model has {names}")
     out = [(b, "mean", [b]) for b in selected] if per_branch else []
-    out.append((f"{fusion}({'+'.join(selected)})", fusion, list(branches) if branches else None))
+    for mode in [fusion] if isinstance(fusion, str) else fusion:
+        out.append((f"{mode}({'+'.join(selected)})", mode, list(branches) if branches else None))
     return out
 
 
@@ -89,16 +94,20 @@ def retrieval_task(
     progress: bool = False,
     task: str = "zeroshot_retrieval",
     ties: str = "pessimistic",
+    shard: Shard | None = None,
 ) -> dict:
     """``ties``: how a correct item tied with wrong ones ranks (see :mod:`.retrieval`): pessimistic
-    (below them), optimistic, or clip-benchmark (``torch.topk``'s order, as CLIP_benchmark)."""
+    (below them), optimistic, or clip-benchmark (``torch.topk``'s order, as CLIP_benchmark).
+    ``shard``: spread over ranks, each encoding its share (see :class:`.features.Shard`)."""
     ds = load_retrieval(data, fmt, image_root, split, slots, text_field, limit)
     variants = branch_variants(em.branch_names, fusion, branches, per_branch)
     skipped: list[dict] = []
-    images = encode_images(em.model, ds.images, em.transform, batch_size, em.device, num_workers, progress, skipped)
+    images = encode_images(em.model, ds.images, em.transform, batch_size, em.device, num_workers, progress, skipped,
+                           shard=shard)
     if skipped:  # unreadable images leave with their texts, so every text keeps its own image
         ds = ds.drop([s["index"] for s in skipped])
-    texts = encode_texts(em.model, em.tokenizer, ds.texts, 4 * batch_size, em.device, long_text, progress=progress)
+    texts = encode_texts(em.model, em.tokenizer, ds.texts, 4 * batch_size, em.device, long_text, progress=progress,
+                         shard=shard)
     groups = groups_from_identical_captions(ds.texts, ds.text_to_image, len(ds.images)) if identical_captions_as_hits else None
     rows = []
     for label, mode, subset in variants:
@@ -144,17 +153,25 @@ def zeroshot_task(
     limit: int | None = None,
     progress: bool = False,
     seed: int = 0,
+    shard: Shard | None = None,
 ) -> dict:
     """``limit``: a seeded class-stratified subset of that many images (``seed``), not the first
-    ones of the class-sorted folder list."""
+    ones of the class-sorted folder list. ``shard``: spread over ranks (the images and the classes)."""
     ds = read_image_folder(data, load_classnames(classnames))
     if limit is not None:
         keep = stratified_subset(ds.labels, limit, seed)
         ds.images, ds.labels = [ds.images[i] for i in keep], [ds.labels[i] for i in keep]
     variants = branch_variants(em.branch_names, fusion, branches, per_branch)
-    classifier = build_classifier(em.model, em.tokenizer, ds.classnames, load_templates(templates), em.device, progress=progress)
+    prompts = load_templates(templates)
+
+    def classify(names, _=0):
+        return build_classifier(em.model, em.tokenizer, names, prompts, em.device, progress=progress)
+
+    classifier = classify(ds.classnames) if shard is None else torch.cat(
+        [c for c in shard.map(ds.classnames, classify) if c is not None], dim=1)
     skipped: list[dict] = []
-    images = encode_images(em.model, ds.images, em.transform, batch_size, em.device, num_workers, progress, skipped)
+    images = encode_images(em.model, ds.images, em.transform, batch_size, em.device, num_workers, progress, skipped,
+                           shard=shard)
     gone = {s["index"] for s in skipped}
     labels = [y for i, y in enumerate(ds.labels) if i not in gone]
     rows, per_class = [], None

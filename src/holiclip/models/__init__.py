@@ -3,6 +3,7 @@
 # The image-encoder designs (see branches); here, free of torch, so that checking a training config
 # (training.config.validate) does not load torch.
 ENCODERS = ("cls", "mlp")
+FUSION_MODES = ("mean", "mean-logits", "max", "norm-max")  # models.fusion.fuse's modes
 
 
 def config_summary(cfg: dict) -> str:

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-FUSION_MODES = ("mean", "mean-logits", "max", "norm-max")
+from . import FUSION_MODES  # noqa: F401 (defined free of torch, for config checks)
 
 
 def select_branches(

@@ -19,7 +19,7 @@ from .config import with_defaults
 from .distributed import portable
 
 # what a training run writes into run.out (``--overwrite`` deletes exactly these)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "config.yaml")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "config.yaml", "wandb", "wandb-run-id")
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "counters", "rng")
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,8 @@ OPERATIONAL_KEYS = frozenset({
     "run.out", "run.progress", "run.tensorboard", "run.log_every", "run.save_every", "run.keep_checkpoints",
     "run.max_steps_this_run", "run.cache_dir", "run.device", "data.workers", "run.dist_timeout",
     "run.compile",  # the same computation, compiled or eager (losses equal within float tolerance)
+    "run.report_to", "run.name", "run.wandb_project",  # where metrics go, and what evaluates the run
+    "eval.every", "eval.sets", "eval.fusion", "eval.per_branch", "eval.batch_size",
 })
 
 

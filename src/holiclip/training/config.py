@@ -103,7 +103,11 @@ class RunCfg:
     log_every: int = 10
     save_every: int = 200
     keep_checkpoints: int = 2
-    tensorboard: bool = True
+    tensorboard: bool = True  # the default of report_to (null): [tensorboard] when true, [] when false
+    # where metrics go besides metrics.jsonl (as open_clip's --report-to): tensorboard, wandb
+    report_to: list[str] | None = None
+    name: str | None = None  # the tracker's run name (default: the run folder's name)
+    wandb_project: str = "holiclip"
     progress: bool = True
     max_steps_this_run: int | None = None  # stop early (tests simulate an interruption)
     # text-feature caches shared between runs: <cache root>/text-features (holiclip.io.cache_root)
@@ -113,12 +117,41 @@ class RunCfg:
 
 
 @dataclass
+class EvalSetCfg:
+    """One evaluation set (the options of ``holiclip eval TASK``)."""
+    task: str = "retrieval"  # retrieval | long-retrieval | zeroshot
+    data: str = ""  # retrieval: our JSONL / CSV / shards, COCO, Karpathy, long captions; zeroshot: an ImageFolder
+    name: str | None = None  # the metrics' prefix eval/<name>/ (default: <task>-<data file stem>)
+    fmt: str = "auto"  # retrieval formats, as --format
+    image_root: str | None = None
+    split: str = "test"
+    slots: list[str] | None = None
+    text_field: str | None = None
+    long_text: str = "truncate"
+    classnames: str | None = None  # zeroshot: imagenet | a .txt/.json file (default: folder names)
+    templates: str = "openai"
+    limit: int | None = None
+
+
+@dataclass
+class EvalCfg:
+    """Evaluation during training (as open_clip's --val-data / --zeroshot-frequency): every ``every``
+    steps and at the end, each set fused (each mode of ``fusion``) and, with ``per_branch``, per branch."""
+    every: int | None = None  # null: no evaluation during training
+    sets: list[EvalSetCfg] = field(default_factory=list)
+    fusion: list[str] = field(default_factory=lambda: ["mean"])
+    per_branch: bool = True
+    batch_size: int = 64  # images per forward pass on each rank
+
+
+@dataclass
 class TrainConfig:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     loss: LossCfg = field(default_factory=LossCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     run: RunCfg = field(default_factory=RunCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
     @property
     def branches(self) -> list[str]:
@@ -146,6 +179,9 @@ EXTRA_SECTIONS = ("demo",)
 
 _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()}
+_SET_HINTS = typing.get_type_hints(EvalSetCfg)
+EVAL_TASKS = ("retrieval", "long-retrieval", "zeroshot")
+REPORT_TO = ("tensorboard", "wandb")
 
 ON_BAD_ROW = ("error", "skip")
 TEXT_CACHE = ("auto", "off")
@@ -174,6 +210,32 @@ def _describe(hint: Any) -> str:
     return text + (" or null" if optional else "")
 
 
+def _eval_sets(value: Any, where: str) -> list[dict]:
+    """``eval.sets``: a list of mappings, each with EvalSetCfg's keys (checked one by one, as sections' keys)."""
+    value = value if isinstance(value, list) else [value]
+    out = []
+    for i, item in enumerate(value):
+        example = f"a mapping with at least data (and task: {'|'.join(EVAL_TASKS)}), e.g. {{task: retrieval, data: val.jsonl}}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: eval.sets[{i}] must be {example}; got {item!r}")
+        for key, sub in item.items():
+            if key not in _SET_HINTS:
+                raise _unknown(where, f"eval.sets[{i}].{key}", [f"eval.sets[{i}].{k}" for k in _SET_HINTS], "key")
+            dotted, hint = f"eval.sets[{i}].{key}", _SET_HINTS[key]
+            node = OmegaConf.structured(EvalSetCfg)
+            try:
+                OmegaConf.update(node, key, _normalise(dotted, hint, sub, None, where), merge=False)
+            except OmegaConfBaseException:
+                raise ConfigError(f"{where}: {dotted} must be {_describe(hint)}, got {sub!r}") from None
+            item[key] = node[key]
+        if not item.get("data"):
+            raise ConfigError(f"{where}: eval.sets[{i}] must be {example}; got {item!r}")
+        if item.get("task", "retrieval") not in EVAL_TASKS:
+            raise ConfigError(f"{where}: eval.sets[{i}].task must be one of {'|'.join(EVAL_TASKS)}, got {item['task']!r}")
+        out.append(OmegaConf.merge(OmegaConf.structured(EvalSetCfg), item))
+    return out
+
+
 def _normalise(dotted: str, hint: Any, value: Any, raw: str | None, where: str) -> Any:
     """What OmegaConf's type check does not cover: one name for a list field, fixed tuple lengths,
     integral floats (``1e5`` steps), strict booleans, and text that YAML read as a number."""
@@ -181,6 +243,8 @@ def _normalise(dotted: str, hint: Any, value: Any, raw: str | None, where: str) 
     origin = typing.get_origin(base)
     if value is None:
         return None
+    if dotted == "eval.sets":
+        return _eval_sets(value, where)
     if dotted == "data.train" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return "::".join(value)  # a list of shards or shard patterns, written as webdataset's "::" list
     bad = ConfigError(f"{where}: {dotted} must be {_describe(hint)}, got {value!r}")
@@ -321,7 +385,7 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
         return x is None or math.isfinite(x)
 
     m, d, lo, o, r = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.run
-    from ..models import ENCODERS  # not models.branches: checking a config stays free of torch
+    from ..models import ENCODERS, FUSION_MODES  # not models.branches: checking a config stays free of torch
 
     one_of("model.encoder", ENCODERS, m.encoder)
     names("model.branches", m.branches, optional=True)
@@ -362,6 +426,30 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     check(r.keep_checkpoints >= 0, "run.keep_checkpoints", ">= 0 (0 keeps all)")
     check(r.max_steps_this_run is None or r.max_steps_this_run >= 1, "run.max_steps_this_run", ">= 1 (or null)")
     check(r.dist_timeout >= 1, "run.dist_timeout", ">= 1 (seconds)")
+    check(r.report_to is None or all(t in REPORT_TO for t in r.report_to), "run.report_to",
+          "a list of " + "|".join(REPORT_TO) + " (or [] for metrics.jsonl only, null for [tensorboard])")
+    check(r.report_to is None or r.tensorboard or "tensorboard" not in r.report_to, "run.report_to",
+          "without tensorboard when run.tensorboard=false (run.report_to decides; leave run.tensorboard out)")
+    e = cfg.eval
+    check(e.every is None or e.every >= 1, "eval.every", ">= 1 (or null: no evaluation during training)")
+    check(e.every is None or bool(e.sets), "eval.every", "null when eval.sets is empty (nothing to evaluate)")
+    check(all(f in FUSION_MODES for f in e.fusion) and bool(e.fusion), "eval.fusion", "a list of "
+          + "|".join(FUSION_MODES))
+    check(e.batch_size >= 1, "eval.batch_size", ">= 1")
+    labels = eval_set_names(cfg)
+    check(len(set(labels)) == len(labels), "eval.sets", f"sets of distinct names (give each a name:), got {labels}")
+
+
+def reporters(cfg: TrainConfig) -> list[str]:
+    """Where metrics go besides metrics.jsonl: run.report_to, else [tensorboard] when run.tensorboard."""
+    if cfg.run.report_to is not None:
+        return list(cfg.run.report_to)
+    return ["tensorboard"] if cfg.run.tensorboard else []
+
+
+def eval_set_names(cfg: TrainConfig) -> list[str]:
+    """Each evaluation set's name, the prefix of its metrics (``eval/<name>/...``)."""
+    return [s.name or f"{s.task}-{Path(s.data.rstrip('/')).stem}" for s in cfg.eval.sets]
 
 
 def with_defaults(saved: dict) -> dict:

@@ -1,8 +1,10 @@
-"""Metrics to ``metrics.jsonl`` (and TensorBoard when installed) plus a tqdm progress bar."""
+"""Metrics to ``metrics.jsonl``, TensorBoard and Weights & Biases (``run.report_to``), plus a tqdm progress bar."""
 from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
@@ -19,16 +21,46 @@ def _with_step(row: dict, where: str) -> tuple[int, dict]:
         raise ValueError(f"{where}: no integer 'step'") from None
 
 
+WANDB_ID_FILE = "wandb-run-id"  # in the run folder: a resumed run goes on in the same wandb run
+
+
+def open_wandb(out: Path, project: str, name: str | None, config: dict, start_step: int):
+    """A wandb run for the run folder ``out``: a new one (its id kept in ``out/wandb-run-id``), or,
+    when the folder holds an id (a resumed run), that run continued. Its files go to $WANDB_DIR,
+    else ``out/wandb``; WANDB_MODE=offline works without a network (``wandb sync`` uploads later)."""
+    from holiclip._extras import require
+
+    require("wandb", "wandb", "Weights & Biases logging (run.report_to=[wandb])")
+    import wandb
+
+    out = Path(out)
+    id_file = out / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() and start_step > 0 else None
+    if run_id is None:
+        run_id = uuid.uuid4().hex[:12]  # wandb ids: letters and digits
+        id_file.write_text(run_id + "\n")
+    where = None if os.environ.get("WANDB_DIR") else str(out)
+    if where:
+        (out / "wandb").mkdir(exist_ok=True)
+    return wandb.init(project=project, name=name or out.resolve().name, id=run_id, resume="allow", config=config,
+                      dir=where)
+
+
 class MetricLogger:
     """``start_step``: the step the run starts (or resumes) at. Rows and TensorBoard events after it
     were logged by an interrupted run after its last checkpoint; they are dropped, since this run
-    logs those steps again (each step once in ``metrics.jsonl``)."""
+    logs those steps again (each step once in ``metrics.jsonl``). ``wandb``: the settings of
+    :func:`open_wandb` (project, name, config), or None for no wandb run."""
 
-    def __init__(self, out: Path, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
+    def __init__(self, out: Path, enabled: bool = True, tensorboard: bool = True, start_step: int = 0,
+                 wandb: dict | None = None):
         self.enabled = enabled
         self.path = Path(out) / "metrics.jsonl"
         self.writer = None
+        self.wandb = None
         self.last_row = self._keep_until(start_step) if enabled else None
+        if enabled and wandb is not None:
+            self.wandb = open_wandb(Path(out), start_step=start_step, **wandb)
         if enabled and tensorboard:
             from holiclip._extras import MissingExtra, require
 
@@ -39,7 +71,7 @@ class MetricLogger:
                 # purge_step hides the earlier run's events from step start_step + 1 on
                 self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1)
             except MissingExtra as err:  # optional: metrics.jsonl is still written
-                log.warning("%s; or set run.tensorboard=false (metrics.jsonl only)", err)
+                log.warning("%s; or leave tensorboard out of run.report_to (run.tensorboard=false)", err)
 
     def _keep_until(self, step: int) -> dict | None:
         """Rewrites metrics.jsonl (atomically) without rows after ``step``; returns the last row kept."""
@@ -74,11 +106,16 @@ class MetricLogger:
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

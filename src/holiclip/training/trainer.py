@@ -24,8 +24,9 @@ from ..loss import M2MLoss, gather_problem
 from ..models.registry import create_model, get_tokenizer, get_transforms, save_model
 from . import checkpoint as ckpt
 from .accumulate import backward_as_one_batch
-from .config import ConfigError, TrainConfig, save_config
+from .config import ConfigError, TrainConfig, reporters, save_config
 from .distributed import all_gather_objects, cleanup, exchange, init_distributed
+from .evaluate import evaluate
 from .logger import MetricLogger
 from .schedule import create_optimizer, warmup_cosine
 from .text_cache import TextCache, fill_text_cache
@@ -339,13 +340,22 @@ class Trainer:
             self._watch_finite(losses)
             self.step += 1
             samples_since += global_batch
-            logs = self.step % cfg.run.log_every == 0 or self.step == end
+            evals = cfg.eval.every is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.optim.steps)
+            logs = self.step % cfg.run.log_every == 0 or self.step == end or evals  # an evaluation's row has the loss
             saves = self.step % cfg.run.save_every == 0 or self.step == end
             # other steps read nothing from the device: the next step is queued while the GPU works. At a
             # log or save step, one all-reduce and one read of the loss: a non-finite loss since the last
             # check stops every rank here, before anything is saved (the steps in between trained on it)
             if logs or saves:
                 last, logit_scale = self._checked_terms(losses)
+            if saves:  # before the evaluation: a failed one stops the run with this step saved
+                self._save()
+            evaluated = {}
+            if evals:  # its time is left out of the step's samples/s
+                began = time.perf_counter()
+                evaluated = evaluate(self.model, self.tokenizer, cfg, self.dist, self.device)
+                evaluated["eval_s"] = time.perf_counter() - began
+                t0 += evaluated["eval_s"]
             if logs:
                 dt = time.perf_counter() - t0
                 rate = samples_since / dt if dt > 0 else 0.0
@@ -354,15 +364,13 @@ class Trainer:
                     logger.log(self.step, {**last, "lr": self.scheduler.get_last_lr()[0], "logit_scale": logit_scale,
                                            "samples_per_s": rate, "samples_per_s_per_device": rate / self.dist.world_size,
                                            "data_wait": data_wait, "epoch": self.epoch,
-                                           **{f"data/{k}": v for k, v in self.counters.items()}})
+                                           **{f"data/{k}": v for k, v in self.counters.items()}, **evaluated})
                 except Exception as err:
                     failed = err
                 t0, samples_since, waited = time.perf_counter(), 0, 0.0
                 progress.set_postfix(loss=f"{last['loss']:.3f}", ips_per_device=f"{rate / self.dist.world_size:.0f}",
                                      data_wait=f"{data_wait:.0%}")
             progress.update(1)
-            if saves:
-                self._save()
         progress.close()
         logger.close()
         self._summarise(f"end of run (step {self.step})")
@@ -391,7 +399,9 @@ class Trainer:
         """config.yaml and the metrics' files (rank 0)."""
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.out / "config.yaml")
-        self.metrics = MetricLogger(self.out, tensorboard=self.cfg.run.tensorboard, start_step=start)
+        report_to, run = reporters(self.cfg), self.cfg.run
+        wandb = {"project": run.wandb_project, "name": run.name, "config": self.cfg.to_dict()} if "wandb" in report_to else None
+        self.metrics = MetricLogger(self.out, tensorboard="tensorboard" in report_to, start_step=start, wandb=wandb)
 
     # -- one optimisation step -------------------------------------------------------------
     def _train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
