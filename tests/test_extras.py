@@ -101,7 +101,7 @@ def test_tensorboard_missing_is_a_warning_naming_the_extra(monkeypatch, tmp_path
         logger = MetricLogger(tmp_path, tensorboard=True, start_step=0)
     assert logger.writer is None  # training goes on with metrics.jsonl
     assert ("TensorBoard logging (run.tensorboard) needs tensorboard: pip install 'holiclip[train]'; "
-            "or set run.tensorboard=false") in caplog.text
+            "or leave tensorboard out of run.report_to (run.tensorboard=false)") in caplog.text
 
 
 def test_emoji_plots_and_svg(monkeypatch, tmp_path):
