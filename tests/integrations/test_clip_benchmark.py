@@ -98,6 +98,9 @@ def test_retrieval_equals_holiclip_retrieval(tmp_path, emoji, tiny_checkpoint, f
         ours = _holiclip("retrieval", tiny_checkpoint, manifest, tmp_path / f"{ties}.json", *pick, "--ties", ties)
         assert ours["ties"] == ties and ours["texts"] == 80 and ours["images"] == 40
         _same_recall(cb, ours)
+    direct = _holiclip("retrieval", tiny_checkpoint, wds, tmp_path / "direct.json", *pick)  # the wds folder itself
+    assert direct["texts"] == 80 and direct["images"] == 40
+    _same_recall(cb, direct)
     assert 0 < cb["metrics"]["text_retrieval_recall@10"] < 1  # a real ranking, not a saturated one
 
 
@@ -146,6 +149,9 @@ def test_zeroshot_equals_holiclip_zeroshot(tmp_path, emoji, tiny_checkpoint):
     assert ours["images"] == len(rows) and ours["classes"] == len(classes)
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         assert cb["metrics"][key] == pytest.approx(ours["metrics"][key], abs=1e-6), key
+    # holiclip on the wds folder itself: its classnames.txt and templates file, no option
+    direct = _holiclip("zeroshot", tiny_checkpoint, wds, tmp_path / "direct.json", "--branches", "main")
+    assert direct["images"] == len(rows) and direct["metrics"] == ours["metrics"]
 
 
 def test_loader_plugs_into_clip_benchmark(tiny_checkpoint):

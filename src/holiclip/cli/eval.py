@@ -66,9 +66,9 @@ def retrieval(
     checkpoint: Checkpoint = None,
     model: ModelName = None,
     pretrained: Pretrained = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto | manifest | coco | karpathy | long | urban1k")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="auto | manifest | coco | karpathy | long | urban1k | clip-benchmark")] = "auto",
     image_root: Annotated[Optional[Path], typer.Option("--image-root", metavar="DIR", help="Folder the image paths are relative to.")] = None,
-    split: Annotated[str, typer.Option("--split", help="Karpathy split.")] = "test",
+    split: Annotated[str, typer.Option("--split", help="Karpathy split; CLIP_benchmark webdataset: test | train.")] = "test",
     slots: Annotated[Optional[str], typer.Option("--slots", help="Our manifests: caption slots used as texts (all by default).")] = None,
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Long-caption files: the caption field.")] = None,
     long_text: Annotated[str, typer.Option("--long-text", help="truncate | split (sentence embeddings averaged).")] = "truncate",
@@ -129,8 +129,11 @@ def zeroshot(
     checkpoint: Checkpoint = None,
     model: ModelName = None,
     pretrained: Pretrained = None,
-    classnames: Annotated[Optional[str], typer.Option("--classnames", help="imagenet | a .txt/.json file (default: folder names).")] = None,
-    templates: Templates = "openai",
+    classnames: Annotated[Optional[str], typer.Option(
+        "--classnames", help="imagenet | a .txt/.json file (default: folder names, or the set's classnames.txt).")] = None,
+    templates: Annotated[Optional[str], typer.Option("--templates", help="openai | simple | a file with one '{}' "
+                                                     "template per line (default: the set's own file, else openai).")] = None,
+    split: Annotated[str, typer.Option("--split", help="CLIP_benchmark webdataset: test | train.")] = "test",
     fusion: Fusion = "mean",
     branches: Branches = None,
     per_branch: PerBranch = False,
@@ -141,9 +144,9 @@ def zeroshot(
     out: Out = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Zero-shot classification on an ImageFolder: top-1/top-5, per-class recall."""
+    """Zero-shot classification on an ImageFolder or a CLIP_benchmark webdataset: top-1/top-5, per-class recall."""
     _run(
-        "zeroshot", checkpoint, model, pretrained, device, out, data=data, classnames=classnames, templates=templates,
+        "zeroshot", checkpoint, model, pretrained, device, out, data=data, classnames=classnames, templates=templates, split=split,
         fusion=fusion, branches=comma_list(branches), per_branch=per_branch, batch_size=batch_size, num_workers=workers,
         limit=limit, progress=not no_progress,
     )

@@ -6,6 +6,8 @@ slot), COCO captions JSON (``captions_val2014.json``), the Karpathy split JSON
 lists, JSONL with one long caption per image) and the Urban1k folder layout
 (``image/NAME.jpg`` + ``caption/NAME.txt``).
 Classification (:class:`ClassificationData`): ImageFolder layout (``root/CLASS/IMAGE``).
+Both: CLIP_benchmark's webdataset layout (what ``--dataset wds/NAME --dataset_root DIR`` reads),
+see :func:`read_clip_benchmark_wds`.
 Segmentation (:class:`SegmentationData`): a folder ``images/`` + ``masks/`` (class-index PNGs,
 255 = ignore) matched by file stem, or a JSONL with ``image`` and ``mask`` fields (as the built-in
 benchmark writes), with class names from a file.
@@ -22,10 +24,11 @@ import numpy as np
 
 from ..data.readers import IMAGE_EXTENSIONS, read_samples, resolve_path
 from ..data.records import DataError, has_text
-from ..data.webdataset import shard_urls
+from ..data.webdataset import image_member, iter_raw, no_image, sample_id, shard_urls, where
 from ..io import jsonl_rows, read_json, read_text
 
-RETRIEVAL_FORMATS = ("auto", "manifest", "coco", "karpathy", "long", "urban1k")
+RETRIEVAL_FORMATS = ("auto", "manifest", "coco", "karpathy", "long", "urban1k", "clip-benchmark")
+CB_SPLITS = ("test", "train")  # the split folders of CLIP_benchmark's webdataset layout
 
 
 @dataclass
@@ -194,6 +197,12 @@ def read_urban1k(root) -> RetrievalData:
     return data
 
 
+def is_clip_benchmark_wds(path) -> bool:
+    """A folder in CLIP_benchmark's webdataset layout: ``test/`` or ``train/`` holding shards."""
+    p = Path(str(path))
+    return p.is_dir() and any((p / s).is_dir() and shard_urls(p / s) for s in CB_SPLITS)
+
+
 def detect_format(path) -> str:
     p = Path(str(path))
     if p.is_dir():
@@ -201,8 +210,10 @@ def detect_format(path) -> str:
             return "urban1k"
         if shard_urls(p):
             return "manifest"  # a folder of webdataset shards
-        raise DataError(f"{p}: a folder must have image/ and caption/ subfolders (Urban1k layout) or hold "
-                        f"webdataset shards")
+        if is_clip_benchmark_wds(p):
+            return "clip-benchmark"
+        raise DataError(f"{p}: a folder must have image/ and caption/ subfolders (Urban1k layout), hold "
+                        f"webdataset shards, or test/ or train/ holding them (CLIP_benchmark's layout)")
     text = str(path)
     if text.endswith((".csv", ".tsv")) or shard_urls(path) is not None:
         return "manifest"
@@ -243,6 +254,11 @@ def load_retrieval(
         data = read_karpathy(path, image_root, split)
     elif fmt == "long":
         data = read_long_captions(path, image_root, text_field)
+    elif fmt == "clip-benchmark":
+        data = read_clip_benchmark_wds(path, split)
+        if not isinstance(data, RetrievalData):
+            raise DataError(f"{path}: a classification set (dataset_type.txt is not 'retrieval'); "
+                            f"evaluate it with zeroshot")
     else:
         data = read_urban1k(path)
     return _limit(data, limit)
@@ -261,10 +277,11 @@ def _limit(data: RetrievalData, limit: int | None) -> RetrievalData:
 # -- classification --------------------------------------------------------------------------
 @dataclass
 class ClassificationData:
-    images: list[str]
+    images: list  # paths (str) or raw bytes
     labels: list[int]
     classnames: list[str]
     name: str = ""
+    templates: list[str] | None = None  # the set's own prompt templates, where it has them
 
 
 def read_names_file(path) -> list[str] | dict:
@@ -329,6 +346,98 @@ def read_image_folder(root, classnames: list[str] | dict | None = None) -> Class
                 data.labels.append(label)
     if not data.images:
         raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
+    return data
+
+
+def read_clip_benchmark_wds(root, split: str = "test") -> ClassificationData | RetrievalData:
+    """CLIP_benchmark's webdataset layout (``clip_benchmark_export_wds`` writes it; the Hugging
+    Face ``clip-benchmark/wds_*`` datasets hold it): ``root/SPLIT/{0..N-1}.tar`` (N in
+    ``SPLIT/nshards.txt``; without it every shard of the folder), each sample an image member
+    (webp / png / jpg) and ``cls`` (class index as text) or ``txt`` (the image's captions, one
+    per line); ``root/dataset_type.txt`` says ``retrieval`` (else classification), and a
+    classification set has ``root/classnames.txt`` (one per line, by index) and
+    ``root/zeroshot_classification_templates.txt`` (``{c}`` where the name goes; optional)."""
+    root = Path(root)
+    folder = root / split
+    urls = _cb_shards(folder)
+    type_file = root / "dataset_type.txt"
+    kind = read_text(type_file, DataError).strip().lower() if type_file.exists() else "classification"
+    if kind not in ("classification", "retrieval"):  # multilabel (npy labels) has no task here
+        raise DataError(f"{type_file}: dataset type {kind!r} is not supported (classification | retrieval)")
+    retrieval = kind == "retrieval"
+    member = "txt" if retrieval else "cls"
+    if retrieval:
+        data = RetrievalData([], [], [], name=root.name)
+    else:
+        names_file = root / "classnames.txt"
+        if not names_file.exists():
+            raise DataError(f"{root}: no classnames.txt (one class name per line, by class index)")
+        templates_file = root / "zeroshot_classification_templates.txt"
+        data = ClassificationData([], [], index_names(read_names_file(names_file), names_file), name=root.name,
+                                  templates=load_templates(str(templates_file)) if templates_file.exists() else None)
+    for raw in iter_raw(urls, f"reading {folder}"):
+        place, ext = where(raw), image_member(raw)
+        if ext is None:
+            raise DataError(f"{place}: {no_image(raw)}")
+        if member not in raw:
+            raise DataError(f"{place}: no {member} member ({'captions' if retrieval else 'class index'}) in a "
+                            f"{kind} set")
+        try:
+            value = raw[member].decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{place}: {member} member is not valid UTF-8 (byte {err.start})") from None
+        if retrieval:  # CLIP_benchmark's str.splitlines: one caption per line
+            captions = [c.strip() for c in value.splitlines() if c.strip()]
+            if not captions:
+                raise DataError(f"{place}: empty txt member (no captions)")
+            data.texts += captions
+            data.text_to_image += [len(data.images)] * len(captions)
+            data.image_ids.append(sample_id(str(raw["__url__"]), raw["__key__"]))
+        else:
+            try:
+                label = int(value.strip())
+            except ValueError:
+                raise DataError(f"{place}: cls member {value.strip()[:20]!r} is not a class index") from None
+            if not 0 <= label < len(data.classnames):
+                raise DataError(f"{place}: class index {label} outside 0..{len(data.classnames) - 1} "
+                                f"({root / 'classnames.txt'} has {len(data.classnames)} names)")
+            data.labels.append(label)
+        data.images.append(raw[ext])
+    if not data.images:
+        raise DataError(f"{folder}: no samples")
+    return data
+
+
+def _cb_shards(folder: Path) -> list[str]:
+    count = folder / "nshards.txt"
+    if count.exists():
+        text = read_text(count, DataError).strip()
+        if not text.isdigit() or int(text) < 1:
+            raise DataError(f"{count}: expected the number of shards, got {text[:20]!r}")
+        urls = [str(folder / f"{i}.tar") for i in range(int(text))]
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise DataError(f"{count}: says {text} shards but {missing[0]} is missing")
+        return urls
+    urls = shard_urls(folder) if folder.is_dir() else None
+    if not urls:
+        raise DataError(f"{folder}: no shards (CLIP_benchmark's layout: {folder}/0.tar ... and nshards.txt)")
+    return urls
+
+
+def load_classification(path, classnames: list[str] | dict | None = None, split: str = "test") -> ClassificationData:
+    """An ImageFolder or a CLIP_benchmark webdataset folder (``split`` of it; ``classnames``
+    replace the set's own, as CLIP_benchmark's ``--custom_classname_file`` does)."""
+    if not is_clip_benchmark_wds(path):
+        return read_image_folder(path, classnames)
+    data = read_clip_benchmark_wds(path, split)
+    if not isinstance(data, ClassificationData):
+        raise DataError(f"{path}: a retrieval set (dataset_type.txt says retrieval); evaluate it with retrieval")
+    if classnames is not None:
+        names = index_names(classnames)
+        if len(names) != len(data.classnames):
+            raise DataError(f"{path}: {len(data.classnames)} classes but {len(names)} class names given")
+        data.classnames = names
     return data
 
 

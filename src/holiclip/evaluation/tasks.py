@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from .datasets import (
-    load_classnames, load_retrieval, load_segmentation, load_templates, read_image_folder, stratified_subset,
+    load_classification, load_classnames, load_retrieval, load_segmentation, load_templates, stratified_subset,
 )
 from .dense import evaluate_segmentation
 from .diversity import text_diversity
@@ -144,7 +144,7 @@ def zeroshot_task(
     em: EvalModel,
     data,
     classnames: str | None = None,
-    templates: str | None = "openai",
+    templates: str | None = None,
     fusion: str = "mean",
     branches: Sequence[str] | None = None,
     per_branch: bool = False,
@@ -154,15 +154,18 @@ def zeroshot_task(
     progress: bool = False,
     seed: int = 0,
     shard: Shard | None = None,
+    split: str = "test",
 ) -> dict:
-    """``limit``: a seeded class-stratified subset of that many images (``seed``), not the first
+    """``data``: an ImageFolder or a CLIP_benchmark webdataset folder (its ``split``).
+    ``templates``: None takes the set's own (CLIP_benchmark's templates file), else ``openai``.
+    ``limit``: a seeded class-stratified subset of that many images (``seed``), not the first
     ones of the class-sorted folder list. ``shard``: spread over ranks (the images and the classes)."""
-    ds = read_image_folder(data, load_classnames(classnames))
+    ds = load_classification(data, load_classnames(classnames), split)
     if limit is not None:
         keep = stratified_subset(ds.labels, limit, seed)
         ds.images, ds.labels = [ds.images[i] for i in keep], [ds.labels[i] for i in keep]
     variants = branch_variants(em.branch_names, fusion, branches, per_branch)
-    prompts = load_templates(templates)
+    prompts = ds.templates if templates is None and ds.templates else load_templates(templates)
 
     def classify(names, _=0):
         return build_classifier(em.model, em.tokenizer, names, prompts, em.device, progress=progress)

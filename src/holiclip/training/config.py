@@ -120,16 +120,18 @@ class RunCfg:
 class EvalSetCfg:
     """One evaluation set (the options of ``holiclip eval TASK``)."""
     task: str = "retrieval"  # retrieval | long-retrieval | zeroshot
-    data: str = ""  # retrieval: our JSONL / CSV / shards, COCO, Karpathy, long captions; zeroshot: an ImageFolder
+    # retrieval: our JSONL / CSV / shards, COCO, Karpathy, long captions; zeroshot: an ImageFolder;
+    # both: a CLIP_benchmark webdataset folder (test/ or train/ of shards, classnames.txt ...)
+    data: str = ""
     name: str | None = None  # the metrics' prefix eval/<name>/ (default: <task>-<data file stem>)
     fmt: str = "auto"  # retrieval formats, as --format
     image_root: str | None = None
-    split: str = "test"
+    split: str = "test"  # Karpathy split; CLIP_benchmark webdataset: the split folder
     slots: list[str] | None = None
     text_field: str | None = None
     long_text: str = "truncate"
     classnames: str | None = None  # zeroshot: imagenet | a .txt/.json file (default: folder names)
-    templates: str = "openai"
+    templates: str | None = None  # openai | simple | a file (default: the set's own templates file, else openai)
     limit: int | None = None
 
 

@@ -18,7 +18,7 @@ from .config import EvalSetCfg, TrainConfig, eval_set_names
 from .distributed import DistInfo, all_gather_objects, exchange
 
 RETRIEVAL_OPTIONS = ("fmt", "image_root", "split", "slots", "text_field", "long_text", "limit")
-ZEROSHOT_OPTIONS = ("classnames", "templates", "limit")
+ZEROSHOT_OPTIONS = ("classnames", "templates", "limit", "split")
 
 
 def shard_for(dist: DistInfo) -> Shard | None:
