@@ -71,7 +71,8 @@ def test_light_commands_import_no_torch(args):
 @pytest.mark.parametrize("name", ["holi-tiny", "holi-small"])
 @pytest.mark.parametrize("encoder", ["cls", "mlp"])
 def test_models_info_counts_the_parameters_of_the_built_model(name, encoder, single_thread):
-    from holiclip.cli.models import builtin_configs, count_parameters
+    from holiclip.cli.models import count_parameters
+    from holiclip.models import builtin_configs
     from holiclip.models.registry import create_model
 
     def built(h: int) -> int:

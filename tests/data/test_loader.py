@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 
 from holiclip.data.loader import (
     Collate, ImageTooLarge, MultiTextDataset, Normalize, ResumableBatchSampler, check_bad_fraction, load_manifest,
-    open_image, split_normalize, tensor_transform, token_lengths,
+    open_image, split_normalize, tensor_transform,
 )
 from holiclip.data.records import DataError
+from holiclip.data.tokens import token_lengths
 from holiclip.models.registry import create_model, get_tokenizer, get_transforms
 
 from tests.helpers.datasets import make_dataset, with_latin1_line

@@ -15,7 +15,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from typer.testing import CliRunner
 
 from holiclip.cli.app import app
-from holiclip.data import loader as loader_mod
+from holiclip.data import tokens as tokens_mod
 from holiclip.data.loader import Collate
 from holiclip.data.records import DataError
 from holiclip.data.sharding import shard_manifest
@@ -65,7 +65,7 @@ def test_pretokenised_shards_give_the_batches_tokenising_gives_and_tokenise_noth
     calls = []
     monkeypatch.setattr(SimpleTokenizer, "__call__", lambda self, *a, **k: calls.append(1))
     monkeypatch.setattr(SimpleTokenizer, "encode", lambda self, *a, **k: calls.append(1))  # tokenize's one pass
-    monkeypatch.setattr(loader_mod, "token_lengths", lambda *a: calls.append(1))
+    monkeypatch.setattr(tokens_mod, "token_lengths", lambda *a: calls.append(1))  # the second pass of other tokenizers
     got = _batches(tokens, tokenizer)
     assert not calls  # nothing tokenised
     assert len(got) == len(expected) == 3

@@ -6,23 +6,14 @@ cover (a Hugging Face text tower, options beyond open_clip's defaults) is built 
 """
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..models import builtin_configs
 from ._options import comma_list
 
 app = typer.Typer(no_args_is_help=True)
-
-
-def builtin_configs() -> dict[str, dict]:
-    """holiclip's own architectures (models/configs/*.json), read without importing torch."""
-    folder = resources.files("holiclip.models") / "configs"
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".json")), key=lambda f: f.name[:-5])
-    return {f.name[: -len(".json")]: json.loads(f.read_text(encoding="utf-8")) for f in files}
 
 
 # The keys whose default values the count below assumes; any other key: build the model to count it.

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 
 from .manifest import LoadedManifest, load_manifest  # noqa: F401  (imported from here by callers)
 from .records import DataError
-from .tokens import stack_tokens, token_lengths, tokenize  # noqa: F401  (token_lengths: imported from here by callers)
+from .tokens import stack_tokens, tokenize
 
 log = logging.getLogger(__name__)
 

